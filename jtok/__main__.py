@@ -1,0 +1,5 @@
+import sys
+
+from jtok.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""Training-step throughput: baseline vs JTok vs JTok-M on one backbone.
+
+Machines here are shared and noisy, so the variants are timed interleaved (each
+repetition times every variant once, in a rotating order) and the figure of merit is
+the median over repetitions of each variant's step time divided by the baseline's in
+the same repetition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from jtok.config import ModelConfig
+from jtok.flops import summarize
+from jtok.model import build_model
+from jtok.optim import RowAdam
+
+VARIANTS = ("baseline", "jtok", "jtokm")
+
+
+def variant_config(cfg: ModelConfig, variant: str, sparse_grad: bool = False) -> ModelConfig:
+    """The same backbone with no modulation, JTok or JTok-M (other tokmod fields kept)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+    kind = "none" if variant == "baseline" else variant
+    tokmod = dataclasses.replace(cfg.tokmod, kind=kind, sparse_grad=sparse_grad)
+    return dataclasses.replace(cfg, tokmod=tokmod)
+
+
+def zipf_token_batches(vocab: int, batch: int, seq_len: int, n_batches: int,
+                       exponent: float = 1.1, seed: int = 0) -> list[torch.Tensor]:  # fmt: skip
+    """Token ids drawn from a Zipf law over the vocabulary, like word frequencies in text."""
+    gen = torch.Generator().manual_seed(seed)
+    probs = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64) ** exponent
+    perm = torch.randperm(vocab, generator=gen)  # frequent ids scattered over the table
+    draws = torch.multinomial(probs, n_batches * batch * (seq_len + 1), True, generator=gen)
+    ids = perm[draws].view(n_batches, batch, seq_len + 1)
+    return list(ids)
+
+
+def make_optimizers(model: torch.nn.Module, lr: float = 1e-3) -> list[torch.optim.Optimizer]:
+    """AdamW (decay on matrices only); sparse-gradient tables go to RowAdam."""
+    decay, no_decay, sparse = [], [], []
+    for name, param in model.named_parameters():
+        if name.startswith("token_tables") and model.cfg.tokmod.sparse_grad:
+            sparse.append(param)
+        elif param.ndim >= 2 and not name.startswith("token_tables"):
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=lr)]
+    if sparse:
+        optimizers.append(RowAdam(sparse, lr=lr))
+    return optimizers
+
+
+def train_step(model, optimizers, batch_ids: torch.Tensor) -> float:
+    inputs, targets = batch_ids[:, :-1], batch_ids[:, 1:]
+    out = model(inputs)
+    loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten()) + out.aux_loss
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_len: int,
+                         steps: int, reps: int, warmup: int = 2, threads: int | None = None,
+                         optimizer: str = "adamw", progress: bool = False) -> dict:  # fmt: skip
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if "baseline" not in variants:
+        variants = ["baseline", *variants]
+    batches = zipf_token_batches(cfg.vocab_size, batch, seq_len, n_batches=4)
+    runs = {}
+    for variant in variants:
+        vcfg = variant_config(cfg, variant, sparse_grad=optimizer == "sparse")
+        model = build_model(vcfg, seed=0).train()
+        runs[variant] = (vcfg, model, make_optimizers(model))
+        for i in range(warmup):
+            train_step(model, runs[variant][2], batches[i % len(batches)])
+
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for rep in range(reps):
+        order = variants[rep % len(variants):] + variants[: rep % len(variants)]
+        for variant in order:
+            _, model, opts = runs[variant]
+            start = time.perf_counter()
+            for step in range(steps):
+                train_step(model, opts, batches[step % len(batches)])
+            times[variant].append((time.perf_counter() - start) / steps)
+        if progress:
+            print(f"rep {rep + 1}/{reps}: " + "  ".join(
+                f"{v} {times[v][-1] * 1e3:.0f} ms" for v in variants), file=sys.stderr)  # fmt: skip
+
+    unique = [int(torch.unique(b[:, :-1]).numel()) for b in batches]
+    result = {
+        "backbone": {k: v for k, v in cfg.to_dict().items() if k != "tokmod"},
+        "batch": batch, "seq_len": seq_len, "steps": steps, "reps": reps,
+        "optimizer": optimizer, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "machine": platform.machine(),
+        "unique_ids_per_batch": statistics.median(unique),
+        "variants": {},
+    }  # fmt: skip
+    base = times["baseline"]
+    for variant in variants:
+        vcfg = runs[variant][0]
+        step_s = statistics.median(times[variant])
+        info = summarize(vcfg, seq_len)
+        result["variants"][variant] = {
+            "tokmod": vcfg.tokmod.kind,
+            "backbone_params": info["backbone_params"],
+            "token_params": info["token_params"],
+            "step_ms_median": step_s * 1e3,
+            "step_ms_all": [t * 1e3 for t in times[variant]],
+            "tokens_per_s": batch * seq_len / step_s,
+            # Paired: each repetition's ratio, then the median.
+            "ratio_to_baseline": statistics.median(
+                t / b for t, b in zip(times[variant], base, strict=True)
+            ),
+        }
+    return result
+
+
+def format_report(result: dict) -> str:
+    head = (
+        f"train step, batch {result['batch']} x seq {result['seq_len']}, "
+        f"{result['reps']} reps x {result['steps']} steps, optimizer {result['optimizer']}, "
+        f"{result['threads']} threads, ~{result['unique_ids_per_batch']:.0f} distinct ids/batch"
+    )
+    lines = [head, f"{'variant':<10}{'N_c':>12}{'N_n':>12}{'ms/step':>10}{'tok/s':>10}{'ratio':>8}"]
+    for name, v in result["variants"].items():
+        lines.append(
+            f"{name:<10}{v['backbone_params']:>12,}{v['token_params']:>12,}"
+            f"{v['step_ms_median']:>10.1f}{v['tokens_per_s']:>10.0f}{v['ratio_to_baseline']:>8.3f}"
+        )
+    return "\n".join(lines)

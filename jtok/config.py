@@ -1,0 +1,369 @@
+"""One typed configuration for a jtok model: backbone, MoE and token-indexed modulation.
+
+Everything that shapes a model lives here, and only here: the model, the accounting in
+`jtok.flops`, the CLI and (later) the trainer read these dataclasses. Values are checked
+when a config is built, and every error names the offending field with its dotted path
+(e.g. ``tokmod.top_k``) so a user can fix it from the message alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid. The message names the field."""
+
+
+def _require(ok: bool, field_path: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_path}: {message}")
+
+
+def _require_positive(obj: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value > 0, prefix + name, f"must be positive, got {value!r}")
+
+
+def _require_choice(value: Any, field_path: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, field_path, f"must be one of {list(choices)}, got {value!r}")
+
+
+MOE_SCORE_FUNCS = ("softmax", "sigmoid")
+MOE_BALANCE_METHODS = ("aux_loss", "aux_free", "none")
+TOKMOD_KINDS = ("none", "jtok", "jtokm")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts FFN. ``num_experts == 0`` means every layer uses a dense SwiGLU."""
+
+    num_experts: int = 0  # routed experts per MoE layer; 0 disables MoE
+    num_shared_experts: int = 0  # always-active experts, fused into one SwiGLU
+    top_k: int = 2  # routed experts per token (token-choice)
+    expert_hidden: int = 0  # SwiGLU hidden width of one expert (routed and shared)
+    score_func: str = "softmax"  # "softmax" or "sigmoid" router scores
+    renormalize: bool = True  # rescale the top-k scores to sum to 1
+    balance: str = "aux_loss"  # "aux_loss" (Switch), "aux_free" (bias, DeepSeek-V3) or "none"
+    aux_weight: float = 0.01  # lambda of the Switch-style loss when balance == "aux_loss"
+    bias_update_rate: float = 1e-3  # step of the selection bias when balance == "aux_free"
+    first_dense_layers: int = 0  # leading layers that keep a dense FFN (DeepSeekMoE style)
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def validate(self, prefix: str = "moe.") -> None:
+        _require(self.num_experts >= 0, prefix + "num_experts", "must be >= 0")
+        _require(self.num_shared_experts >= 0, prefix + "num_shared_experts", "must be >= 0")
+        _require(self.first_dense_layers >= 0, prefix + "first_dense_layers", "must be >= 0")
+        _require_choice(self.score_func, prefix + "score_func", MOE_SCORE_FUNCS)
+        _require_choice(self.balance, prefix + "balance", MOE_BALANCE_METHODS)
+        _require(self.aux_weight >= 0, prefix + "aux_weight", "must be >= 0")
+        _require(self.bias_update_rate >= 0, prefix + "bias_update_rate", "must be >= 0")
+        if self.enabled:
+            _require_positive(self, prefix, "top_k", "expert_hidden")
+            _require(
+                self.top_k <= self.num_experts,
+                prefix + "top_k",
+                f"top_k={self.top_k} exceeds num_experts={self.num_experts}",
+            )
+
+
+@dataclass
+class TokModConfig:
+    """Token-indexed modulation (METHOD.md): none, JTok (Eq 7-9) or JTok-M (Eq 10-13)."""
+
+    kind: str = "none"  # "none", "jtok" or "jtokm"
+    layers: list[int] | None = None  # layer indices that carry tables; None = every layer
+    n_e: int = 5  # JTok-M: tables per layer (the modulator pool)
+    top_k: int = 2  # JTok-M: modulators mixed per token (K)
+    aux_weight: float = 1e-4  # JTok-M: lambda of the Switch-style load-balancing loss
+    eps: float = 1e-6  # added to the L2 norm before dividing (Eq 8 / Eq 12)
+    # OPEN (init): tables ~ N(0, table_init_std^2). Only the direction of a row matters
+    # after the L2 projection, but the norm sets how fast Adam turns it: a step of size lr
+    # per element rotates a row by about lr / table_init_std radians.
+    table_init_std: float = 1.0
+    # OPEN (init): s = 1 rather than 0. With s = 0 the tables get no gradient on the first
+    # step; s = 1 starts with a gentle modulation of about 1/sqrt(d) per element.
+    scale_init: float = 1.0
+    router_init_std: float = 0.02  # JTok-M router R_l ~ N(0, std^2)
+    dedup: bool = True  # gather each distinct token id of a batch once, then expand
+    sparse_grad: bool = False  # sparse COO gradient for the tables (for sparse optimizers)
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    @property
+    def tables_per_layer(self) -> int:
+        return {"none": 0, "jtok": 1, "jtokm": self.n_e}[self.kind]
+
+    def validate(self, prefix: str = "tokmod.") -> None:
+        _require_choice(self.kind, prefix + "kind", TOKMOD_KINDS)
+        _require_positive(self, prefix, "n_e", "top_k", "eps", "table_init_std")
+        _require(
+            self.top_k <= self.n_e, prefix + "top_k", f"K={self.top_k} exceeds n_e={self.n_e}"
+        )
+        _require(self.aux_weight >= 0, prefix + "aux_weight", "must be >= 0")
+        _require(self.router_init_std >= 0, prefix + "router_init_std", "must be >= 0")
+        if self.layers is not None:
+            _require(
+                len(set(self.layers)) == len(self.layers), prefix + "layers", "has duplicates"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only model: backbone fields, plus the `moe` and `tokmod` sections."""
+
+    vocab_size: int = 512
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4  # grouped-query attention when < n_heads
+    ffn_hidden: int = 192  # SwiGLU hidden width of the dense FFN
+    rope_base: float = 10000.0
+    max_seq_len: int = 256  # longest sequence the RoPE table and KV cache cover
+    tie_embeddings: bool = False  # share the input embedding with the output head
+    norm_eps: float = 1e-5
+    init_std: float = 0.02  # std of matrices and embeddings (output projections are scaled)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    tokmod: TokModConfig = field(default_factory=TokModConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe.enabled and layer >= self.moe.first_dense_layers
+
+    @property
+    def tokmod_layers(self) -> list[int]:
+        """Indices of the layers that carry token-indexed tables, ascending."""
+        if not self.tokmod.enabled:
+            return []
+        if self.tokmod.layers is None:
+            return list(range(self.n_layers))
+        return sorted(self.tokmod.layers)
+
+    def validate(self) -> None:
+        _require_positive(
+            self, "", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+            "ffn_hidden", "rope_base", "max_seq_len", "norm_eps", "init_std",
+        )  # fmt: skip
+        _require(
+            self.d_model % self.n_heads == 0,
+            "n_heads",
+            f"n_heads={self.n_heads} does not divide d_model={self.d_model}",
+        )
+        _require(
+            self.n_heads % self.n_kv_heads == 0,
+            "n_kv_heads",
+            f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}",
+        )
+        _require(self.head_dim % 2 == 0, "n_heads", "head dim d_model/n_heads must be even (RoPE)")
+        self.moe.validate()
+        self.tokmod.validate()
+        for layer in self.tokmod.layers or []:
+            _require(
+                0 <= layer < self.n_layers,
+                "tokmod.layers",
+                f"layer {layer} out of range for n_layers={self.n_layers}",
+            )
+
+    # ---- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _build(cls, data, prefix="")
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config is not valid JSON: {err}") from None
+        _require(isinstance(data, dict), "config", "JSON must be an object")
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ModelConfig:
+        """Return a copy with dotted-key overrides applied, e.g. {"tokmod.kind": "jtokm"}.
+
+        String values (as given on a command line) are parsed to the field's type.
+        """
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            *parents, leaf = dotted.split(".")
+            node, hint_owner = data, ModelConfig
+            for i, part in enumerate(parents):
+                sub = node.get(part) if isinstance(node, dict) else None
+                if not isinstance(sub, dict):
+                    raise ConfigError(f"{'.'.join(parents[: i + 1])}: unknown config section")
+                node, hint_owner = sub, _field_types(hint_owner)[part]
+            hints = _field_types(hint_owner)
+            if leaf not in hints:
+                raise ConfigError(f"{dotted}: unknown config key (known: {', '.join(hints)})")
+            node[leaf] = _coerce(value, hints[leaf], dotted) if isinstance(value, str) else value
+        return ModelConfig.from_dict(data)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected an object")
+    hints = _field_types(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown config key")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, hint, prefix + name)
+    return cls(**kwargs)  # ModelConfig.__post_init__ validates every section
+
+
+def _check_type(value: Any, hint: Any, path: str) -> Any:
+    """Accept `value` if it matches `hint` (ints are accepted for floats); else raise."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(value, option, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: {value!r} does not match type {hint}")
+    if hint is type(None):
+        _require(value is None, path, f"expected null, got {value!r}")
+        return value
+    if origin is list:
+        _require(isinstance(value, list), path, f"expected a list, got {value!r}")
+        (item_hint,) = typing.get_args(hint)
+        return [_check_type(v, item_hint, path) for v in value]
+    if hint is bool:
+        _require(isinstance(value, bool), path, f"expected true/false, got {value!r}")
+    elif hint is int:
+        _require(
+            isinstance(value, int) and not isinstance(value, bool),
+            path,
+            f"expected an integer, got {value!r}",
+        )
+    elif hint is float:
+        _require(
+            isinstance(value, int | float) and not isinstance(value, bool),
+            path,
+            f"expected a number, got {value!r}",
+        )
+        value = float(value)
+    elif hint is str:
+        _require(isinstance(value, str), path, f"expected a string, got {value!r}")
+    return value
+
+
+def _coerce(text: str, hint: Any, path: str) -> Any:
+    """Parse a command-line string into a value of type `hint`.
+
+    JSON literals are accepted (``3``, ``1e-4``, ``true``, ``[0, 2]``, ``null``); string
+    fields take the text as is; list fields also take ``0,2,4`` or a single ``3``, and
+    ``all`` for "every layer" (None).
+    """
+    if hint is str:
+        return text
+    allows_list = list in {typing.get_origin(a) for a in (hint, *typing.get_args(hint))}
+    if allows_list and text.strip().lower() == "all":
+        return _check_type(None, hint, path)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+        if allows_list:
+            try:
+                value = [int(v) for v in text.split(",") if v.strip()]
+            except ValueError:
+                pass
+    if allows_list and isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    return _check_type(value, hint, path)
+
+
+# ---- presets ---------------------------------------------------------------------------
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+        ffn_hidden=192, max_seq_len=128,
+    )  # fmt: skip
+
+
+def _tiny_moe() -> ModelConfig:
+    moe = MoEConfig(num_experts=4, num_shared_experts=1, top_k=2, expert_hidden=64)
+    return dataclasses.replace(_tiny(), moe=moe)
+
+
+def _small() -> ModelConfig:
+    # The benchmark shape of the core issue: d=256, L=6.
+    return ModelConfig(
+        vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4,
+        ffn_hidden=768, max_seq_len=512,
+    )  # fmt: skip
+
+
+def _dense_190m() -> ModelConfig:
+    # The paper's small dense model: L=12, d=768, V=50304; SwiGLU width 4d and an untied
+    # head give 190M backbone parameters. JTok on every layer adds L*V*d = 464M.
+    return ModelConfig(
+        vocab_size=50304, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
+        ffn_hidden=3072, max_seq_len=2048,
+    )  # fmt: skip
+
+
+def _moe_17b_a2b() -> ModelConfig:
+    # The paper's largest run: 28 layers, d=2048, V=152064, 64 routed + 1 shared expert,
+    # top-6, JTok-M with n_e=5, K=2 (28*5*152064*2048 = 43.6B token-indexed parameters).
+    # Expert width 1408 (DeepSeekMoE-16B's) gives about 17B backbone parameters.
+    return ModelConfig(
+        vocab_size=152064, d_model=2048, n_layers=28, n_heads=16, n_kv_heads=16,
+        ffn_hidden=10944, rope_base=1e6, max_seq_len=4096,
+        moe=MoEConfig(
+            num_experts=64, num_shared_experts=1, top_k=6, expert_hidden=1408,
+            score_func="sigmoid", balance="aux_free",
+        ),
+        tokmod=TokModConfig(kind="jtokm", n_e=5, top_k=2),
+    )  # fmt: skip
+
+
+PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
+    "tiny": _tiny,
+    "tiny-moe": _tiny_moe,
+    "small": _small,
+    "dense-190m": _dense_190m,
+    "moe-17b-a2b": _moe_17b_a2b,
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """A fresh copy of the named preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return PRESETS[name]()

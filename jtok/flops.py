@@ -1,0 +1,139 @@
+"""Parameter and FLOP accounting as pure functions of a `ModelConfig`.
+
+Nothing here builds a model, so paper-scale configs are counted instantly; a test checks
+the counts against real (tiny and meta-device) models and the FLOPs against
+`torch.utils.flop_counter.FlopCounterMode`.
+
+Conventions (METHOD.md, "Counting"):
+- N_c (backbone parameters) counts every parameter that is not token-indexed: input
+  embedding, head (once if tied), attention, FFN / experts, routers, norms, and the small
+  dense parameters JTok adds (scales s_l, JTok-M routers R_l). For MoE, "active" counts
+  the routed experts a token actually uses (top_k of num_experts); eta uses the active
+  count, since N_c is meant as the compute parameters.
+- N_n (token parameters) counts the tables: JTok L*V*d, JTok-M L*n_e*V*d.
+- FLOPs are per token. A matmul of an m x n weight costs 2mn forward; training costs 3x
+  forward (backward = 2x). Attention scores (QK^T and AV) cost 4*T*d per layer forward at
+  context T, counted over the full T x T square, as FlopCounterMode does for SDPA's
+  reference path (a causal kernel skips about half of it).
+- Element-wise work of the modulation (norms, gates, adds) is an estimate, reported
+  separately: it is memory-bound and tiny next to the matmuls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from jtok.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    embedding: int
+    head: int  # 0 when tied to the embedding
+    attention: int
+    dense_ffn: int
+    shared_experts: int
+    routed_experts: int
+    routed_experts_active: int
+    moe_routers: int
+    norms: int
+    tokmod_dense: int  # JTok / JTok-M scales and JTok-M routers
+    token_params: int  # N_n
+
+    @property
+    def backbone(self) -> int:
+        """N_c, total."""
+        return self.backbone_active + self.routed_experts - self.routed_experts_active
+
+    @property
+    def backbone_active(self) -> int:
+        """N_c, counting only the routed experts a token uses."""
+        return (
+            self.embedding + self.head + self.attention + self.dense_ffn + self.shared_experts
+            + self.routed_experts_active + self.moe_routers + self.norms + self.tokmod_dense
+        )  # fmt: skip
+
+
+def count_params(cfg: ModelConfig) -> ParamCounts:
+    d, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
+    moe, tok = cfg.moe, cfg.tokmod
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(L))
+    n_tok = len(cfg.tokmod_layers)
+    expert = 3 * d * moe.expert_hidden
+    return ParamCounts(
+        embedding=V * d,
+        head=0 if cfg.tie_embeddings else V * d,
+        attention=L * (d * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + d * d),
+        dense_ffn=(L - n_moe) * 3 * d * cfg.ffn_hidden,
+        shared_experts=n_moe * moe.num_shared_experts * expert,
+        routed_experts=n_moe * moe.num_experts * expert,
+        routed_experts_active=n_moe * moe.top_k * expert,
+        moe_routers=n_moe * moe.num_experts * d,
+        norms=(2 * L + 1) * d,
+        tokmod_dense=n_tok * d * (1 + (tok.n_e if tok.kind == "jtokm" else 0)),
+        token_params=n_tok * tok.tables_per_layer * V * d,
+    )
+
+
+@dataclass(frozen=True)
+class FlopCounts:
+    """Forward FLOPs per token, by kind."""
+
+    matmul: float  # projections, FFN / experts, routers, head
+    attention_scores: float
+    tokmod_elementwise: float  # estimate
+
+    @property
+    def forward(self) -> float:
+        return self.matmul + self.attention_scores + self.tokmod_elementwise
+
+    @property
+    def train(self) -> float:
+        return 3 * self.forward
+
+
+def count_flops(cfg: ModelConfig, seq_len: int | None = None) -> FlopCounts:
+    """Forward FLOPs per token at context length `seq_len` (default: cfg.max_seq_len)."""
+    T = seq_len or cfg.max_seq_len
+    d, L, tok = cfg.d_model, cfg.n_layers, cfg.tokmod
+    p = count_params(cfg)
+    n_tok = len(cfg.tokmod_layers)
+    # Every weight matrix a token passes through, once: 2 FLOPs per weight.
+    matmul = 2 * (
+        p.attention + p.dense_ffn + p.shared_experts + p.routed_experts_active + p.moe_routers
+        + cfg.vocab_size * d
+    )  # fmt: skip
+    elementwise = 0.0
+    if tok.kind == "jtok":
+        # ||E[x]|| (2d), divide (d), 1 + s*u (2d), m * gate + h~ (2d)
+        elementwise = n_tok * 7 * d
+    elif tok.kind == "jtokm":
+        matmul += n_tok * 2 * d * tok.n_e  # router
+        # RMSNorm of h (4d), sum_i w_i E_i (2Kd), ||e|| (2d), e * coeff * s (2d),
+        # h~ + m + r (2d)
+        elementwise = n_tok * (10 + 2 * tok.top_k) * d
+    return FlopCounts(
+        matmul=float(matmul), attention_scores=float(L * 4 * T * d),
+        tokmod_elementwise=float(elementwise),
+    )  # fmt: skip
+
+
+def summarize(cfg: ModelConfig, seq_len: int | None = None) -> dict:
+    """The figures `jtok info` prints: N_c, N_n, eta, rho, FLOPs per token, breakdown."""
+    p = count_params(cfg)
+    f = count_flops(cfg, seq_len)
+    tok = cfg.tokmod
+    return {
+        "backbone_params": p.backbone,
+        "active_backbone_params": p.backbone_active,
+        "non_embedding_params": p.backbone - p.embedding - p.head,
+        "token_params": p.token_params,
+        "eta": p.token_params / p.backbone_active,
+        "eta_total": p.token_params / p.backbone,
+        "rho": tok.top_k / tok.n_e if tok.kind == "jtokm" else (1.0 if tok.enabled else 0.0),
+        "seq_len": seq_len or cfg.max_seq_len,
+        "train_flops_per_token": f.train,
+        "inference_flops_per_token": f.forward,
+        "params": asdict(p),
+        "forward_flops": asdict(f),
+    }

@@ -1,0 +1,283 @@
+"""The decoder-only backbone, dense or MoE, with JTok / JTok-M on any subset of layers.
+
+A pre-norm Transformer (METHOD.md, "Backbone"):
+    a  = Attn(RMSNorm(h))      h~ = h + a
+    m  = FFN(RMSNorm(h~))      h' = h~ + m          (baseline)
+JTok changes the last line to h' = h~ + m * (1 + s u); JTok-M to h' = h~ + m + r
+(see jtok/tokmod.py). The model is a plain nn.Module built from one `ModelConfig`;
+training, distribution and table offload wrap it from outside.
+
+Shape suffixes where they help: B batch, T time, D width, H heads, G kv heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from jtok.config import ModelConfig
+from jtok.ffn import MoE, SwiGLU
+from jtok.tokmod import JTok, JTokM, TokenRows, TokenTables
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Statistics in fp32 even under autocast; cast back to the input dtype.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+def rope_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin of shape (max_seq_len, head_dim / 2) for rotary position embeddings."""
+    half = cfg.head_dim // 2
+    inv_freq = cfg.rope_base ** (-torch.arange(half, device=device, dtype=torch.float64) / half)
+    angles = torch.arange(cfg.max_seq_len, device=device, dtype=torch.float64)[:, None] * inv_freq
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x_BHTDh: Tensor, cos_TDh2: Tensor, sin_TDh2: Tensor) -> Tensor:
+    """Rotate the two halves of each head's features (the GPT-NeoX / Llama layout)."""
+    x1, x2 = x_BHTDh.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos_TDh2 - x2 * sin_TDh2, x2 * cos_TDh2 + x1 * sin_TDh2), dim=-1)
+    return rotated.type_as(x_BHTDh)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated."""
+
+    keys: list[Tensor]  # per layer (B, G, max_len, Dh)
+    values: list[Tensor]
+    pos: int = 0  # tokens already in the cache
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int | None = None,
+              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+              ) -> KVCache:  # fmt: skip
+        max_len = max_len or cfg.max_seq_len
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        make = lambda: [torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
+                        for _ in range(cfg.n_layers)]  # fmt: skip
+        return cls(keys=make(), values=make())
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention through scaled_dot_product_attention."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # q, k and v come from one matmul.
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
+                              bias=False)  # fmt: skip
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:  # fmt: skip
+        B, T, _ = x_BTD.shape
+        q, k, v = self.wqkv(x_BTD).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+             self.n_kv_heads * self.head_dim], dim=-1)  # fmt: skip
+        q_BHTDh = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k_BGTDh = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v_BGTDh = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            cache.keys[layer][:, :, start : start + T] = k_BGTDh
+            cache.values[layer][:, :, start : start + T] = v_BGTDh
+            k_BGTDh = cache.keys[layer][:, :, : start + T]
+            v_BGTDh = cache.values[layer][:, :, : start + T]
+
+        mask = None
+        if start > 0 and T > 1:  # a chunk after a prefix: query i sees keys <= start + i
+            key_pos = torch.arange(start + T, device=x_BTD.device)
+            query_pos = torch.arange(start, start + T, device=x_BTD.device)
+            mask = key_pos[None, :] <= query_pos[:, None]
+        out_BHTDh = F.scaled_dot_product_attention(
+            q_BHTDh, k_BGTDh, v_BGTDh, attn_mask=mask,
+            is_causal=(start == 0 and T > 1), enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # fmt: skip
+        return self.wo(out_BHTDh.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoE(cfg.d_model, cfg.moe) if cfg.is_moe_layer(layer) else SwiGLU(
+            cfg.d_model, cfg.ffn_hidden
+        )
+        self.tokmod: JTok | JTokM | None = None
+        if layer in cfg.tokmod_layers:
+            self.tokmod = JTok(cfg) if cfg.tokmod.kind == "jtok" else JTokM(cfg)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None,
+                rows_UnD: Tensor | None, inverse_N: Tensor | None,
+                ) -> tuple[Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+        """Returns (h', FFN balance loss or None, JTok-M balance loss or None)."""
+        h_tilde = h + self.attn(self.attn_norm(h), cos, sin, cache, self.layer)
+        if isinstance(self.ffn, MoE):
+            m, ffn_aux = self.ffn(self.ffn_norm(h_tilde))
+        else:
+            m, ffn_aux = self.ffn(self.ffn_norm(h_tilde)), None
+        if self.tokmod is None:
+            return h_tilde + m, ffn_aux, None
+        h_out, tok_aux = self.tokmod(h, h_tilde, m, rows_UnD, inverse_N)
+        return h_out, ffn_aux, tok_aux
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, T, V)
+    # Weighted sum of the balance losses (MoE aux_weight, tokmod aux_weight); add it to
+    # the language-modelling loss when training.
+    aux_loss: Tensor
+    # The unweighted balance losses averaged over layers, for logging.
+    aux_terms: dict[str, Tensor] = field(default_factory=dict)
+
+
+class JTokModel(nn.Module):
+    """Decoder-only LM; JTok / JTok-M per `cfg.tokmod`, MoE FFN per `cfg.moe`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.token_tables = TokenTables(cfg) if cfg.tokmod.enabled else None
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the head when configured (again after `to_empty`)."""
+        if self.cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> JTokModel:
+        """Initialise every tensor from `seed`; deterministic, and the global RNG is untouched.
+
+        - embed, attention wqkv, FFN w13 (dense, shared, experts), MoE router, head:
+          N(0, init_std^2)
+        - attention wo, FFN w2 (dense, shared, experts): N(0, (init_std / sqrt(2 L))^2),
+          so the residual stream's variance does not grow with depth (GPT-2)
+        - RMSNorm weights: 1
+        - token tables: N(0, tokmod.table_init_std^2); tokmod scale s: tokmod.scale_init;
+          JTok-M router: N(0, tokmod.router_init_std^2)
+        - MoE selection bias: 0; RoPE tables: recomputed (they may have been built on meta)
+        """
+        cfg, tok = self.cfg, self.cfg.tokmod
+        gen = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
+        std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
+
+        def normal(t: Tensor, s: float) -> None:
+            t.normal_(0.0, s, generator=gen)
+
+        normal(self.embed.weight, std)
+        if not cfg.tie_embeddings:
+            normal(self.head.weight, std)
+        self.norm.weight.fill_(1.0)
+        for block in self.blocks:
+            block.attn_norm.weight.fill_(1.0)
+            block.ffn_norm.weight.fill_(1.0)
+            normal(block.attn.wqkv.weight, std)
+            normal(block.attn.wo.weight, out_std)
+            ffn = block.ffn
+            swiglu = ffn if isinstance(ffn, SwiGLU) else ffn.shared
+            if swiglu is not None:
+                normal(swiglu.w13.weight, std)
+                normal(swiglu.w2.weight, out_std)
+            if isinstance(ffn, MoE):
+                normal(ffn.router.weight, std)
+                normal(ffn.w13, std)
+                normal(ffn.w2, out_std)
+                ffn.selection_bias.zero_()
+                ffn.load_since_update.zero_()
+            if block.tokmod is not None:
+                block.tokmod.scale.fill_(tok.scale_init)
+                if isinstance(block.tokmod, JTokM):
+                    normal(block.tokmod.router, tok.router_init_std)
+        if self.token_tables is not None:
+            normal(self.token_tables.weight, tok.table_init_std)
+        cos, sin = rope_tables(cfg, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        return self
+
+    def forward(self, ids_BT: Tensor, cache: KVCache | None = None,
+                token_rows: TokenRows | None = None) -> ModelOutput:  # fmt: skip
+        """Logits for token ids (B, T).
+
+        With `cache`, the ids continue the cached sequence and the cache advances.
+        `token_rows` lets a caller supply the table rows (e.g. prefetched from host
+        memory); by default they are gathered from `token_tables`.
+        """
+        B, T = ids_BT.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len or (cache is not None and start + T > cache.max_len):
+            raise ValueError(f"sequence length {start + T} exceeds max_seq_len / cache length")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        if self.token_tables is not None and token_rows is None:
+            token_rows = self.token_tables.lookup(ids_BT)
+
+        h = self.embed(ids_BT)
+        ffn_aux, tok_aux = [], []
+        for block in self.blocks:
+            rows = inverse = None
+            if block.tokmod is not None:
+                rows = token_rows.layers[self.token_tables.slot(block.layer)]
+                inverse = token_rows.inverse_N
+            h, f_aux, t_aux = block(h, cos, sin, cache, rows, inverse)
+            if f_aux is not None:
+                ffn_aux.append(f_aux)
+            if t_aux is not None:
+                tok_aux.append(t_aux)
+        if cache is not None:
+            cache.pos += T
+        logits = self.head(self.norm(h))
+
+        aux_loss = logits.new_zeros((), dtype=torch.float32)
+        terms: dict[str, Tensor] = {}
+        if ffn_aux:
+            terms["moe_balance"] = torch.stack(ffn_aux).mean()
+            aux_loss = aux_loss + self.cfg.moe.aux_weight * torch.stack(ffn_aux).sum()
+        if tok_aux:
+            terms["tokmod_balance"] = torch.stack(tok_aux).mean()
+            aux_loss = aux_loss + self.cfg.tokmod.aux_weight * torch.stack(tok_aux).sum()
+        return ModelOutput(logits=logits, aux_loss=aux_loss, aux_terms=terms)
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, device: torch.device | str = "cpu") -> JTokModel:
+    """Construct and initialise a model. ``device="meta"`` allocates nothing (for counting).
+
+    The modules are built on the meta device and materialised once, so construction
+    neither draws from the global RNG nor initialises anything twice: `init_weights` is
+    the only place values come from.
+    """
+    with torch.device("meta"):
+        model = JTokModel(cfg)
+    if str(device) != "meta":
+        model.to_empty(device=device)
+        model.tie_weights()
+        model.init_weights(seed)
+    return model

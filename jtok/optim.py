@@ -1,0 +1,91 @@
+"""Optimizers for token-indexed tables.
+
+`RowAdam` updates only the rows of a table that received a gradient. A batch touches a
+few hundred of the vocabulary's rows, so a dense Adam step over a table of L * n_e * V * d
+entries (and the dense gradient it needs) would cost far more than the whole forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class RowAdam(torch.optim.Optimizer):
+    """Adam for tables with sparse (row-wise) gradients, with decoupled weight decay.
+
+    Each row is its own Adam whose clock ticks only when the row receives a gradient:
+    rows absent from a batch keep their moments and values unchanged ("lazy" Adam), and
+    the bias correction uses the row's own step count, so a rare token's first update has
+    the same size as a frequent token's. This differs from dense AdamW, whose momentum
+    keeps moving rows that are absent from the batch.
+
+    Gradients must be sparse COO tensors over dim 0 (``nn.Embedding(sparse=True)``,
+    ``F.embedding(..., sparse=True)`` or `TokModConfig.sparse_grad`).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0):  # fmt: skip
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid RowAdam hyperparameters lr={lr} betas={betas} eps={eps}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError(
+                        "RowAdam needs sparse gradients; build the table with sparse=True"
+                    )
+                rows, grad = _unique_rows(p.grad)
+                if rows.numel() == 0:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["row_step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
+                step = state["row_step"].index_add_(0, rows, torch.ones_like(rows))[rows]
+                step = step.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
+
+                exp_avg = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                state["exp_avg"].index_copy_(0, rows, exp_avg)
+                state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+
+                # m_hat / (sqrt(v_hat) + eps) = (m * c2 / c1) / (sqrt(v) + eps * c2) with
+                # c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t): the per-row corrections fold
+                # into two (R, 1) columns and the big tensors are touched three times.
+                bias2_sqrt = torch.sqrt(1 - torch.pow(beta2, step))
+                step_size = -group["lr"] * bias2_sqrt / (1 - torch.pow(beta1, step))
+                denom = exp_avg_sq.sqrt_().add_(bias2_sqrt * group["eps"])
+                update = exp_avg.div_(denom).mul_(step_size)
+                if group["weight_decay"]:
+                    values = p.index_select(0, rows)
+                    update.add_(values, alpha=-group["lr"] * group["weight_decay"])
+                p.index_add_(0, rows, update)
+        return loss
+
+
+def _unique_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """(row indices, row values) of a sparse gradient, each row once.
+
+    Gradients gathered through deduplicated ids already hold each row once in increasing
+    order; only otherwise is the (sorting) coalesce paid.
+    """
+    if not grad.is_coalesced():
+        rows = grad._indices()[0]
+        if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+            return rows, grad._values()
+        grad = grad.coalesce()
+    return grad._indices()[0], grad._values()
+

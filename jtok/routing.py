@@ -1,0 +1,60 @@
+"""Top-k routing and the Switch-style load-balancing loss.
+
+Shared by the MoE FFN (routing tokens to experts) and by JTok-M (routing tokens to
+modulators, METHOD.md Eq 10-11), so both use the same, tested arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def route_topk(
+    logits_TE: Tensor,
+    k: int,
+    score_func: str,
+    renormalize: bool,
+    selection_bias_E: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pick the top-k of E choices per row; all arithmetic in fp32.
+
+    Returns ``(weights_TK, index_TK, probs_TE)``: the mixing weights of the chosen
+    entries, their indices, and a distribution over all E choices per row (used by
+    `balance_loss`). With ``score_func="sigmoid"`` the distribution is the sigmoid scores
+    normalised to sum to 1, the same normalisation the weights get over the top-k.
+    ``selection_bias_E`` shifts which entries are chosen, never their weights
+    (auxiliary-loss-free balancing, DeepSeek-V3).
+    """
+    logits_TE = logits_TE.float()
+    if score_func == "sigmoid":
+        scores_TE = torch.sigmoid(logits_TE)
+        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+    elif score_func == "softmax":
+        scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
+    else:
+        raise ValueError(f"unknown score function {score_func!r}")
+    selection_TE = scores_TE if selection_bias_E is None else scores_TE + selection_bias_E
+    index_TK = selection_TE.topk(k, dim=-1, sorted=False).indices
+    weights_TK = scores_TE.gather(-1, index_TK)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+    return weights_TK, index_TK, probs_TE
+
+
+def selection_counts(index_TK: Tensor, n_choices: int) -> Tensor:
+    """How many (row, slot) selections each of the n choices received."""
+    return torch.bincount(index_TK.flatten(), minlength=n_choices)
+
+
+def balance_loss(probs_TE: Tensor, index_TK: Tensor) -> Tensor:
+    """Switch-style load-balancing loss ``n * sum_i P_i * f_i`` (without its lambda).
+
+    P_i is the mean probability of choice i over the rows, f_i the fraction of all
+    (row, slot) selections that went to i. Both sum to 1, so the loss is 1 under a
+    perfectly uniform load and grows as load concentrates. f is a count and carries no
+    gradient; the gradient flows through P.
+    """
+    n_choices = probs_TE.shape[-1]
+    fraction_E = selection_counts(index_TK, n_choices).to(probs_TE.dtype) / index_TK.numel()
+    return n_choices * torch.dot(probs_TE.mean(0), fraction_E)

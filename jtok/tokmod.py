@@ -1,0 +1,165 @@
+"""Token-indexed modulation: the tables, JTok (Eq 7-9) and JTok-M (Eq 10-13).
+
+This module is where the method lives; everything else in jtok is a standard backbone.
+Equation numbers refer to METHOD.md / arXiv 2602.00800.
+
+Storage. All tables of a model are one parameter ``weight`` of shape
+``(n_tok_layers * V, tables_per_layer * d)``: row ``l * V + x`` holds the n tables' rows
+of token x for the l-th table-carrying layer. A forward does one gather for all layers
+(`TokenTables.lookup`), and with ``dedup`` that gather reads each distinct token id of
+the batch once (token frequencies are Zipfian, so a batch has far fewer distinct ids
+than positions); the result splits into one contiguous (U, n, d) block per layer. Each
+layer expands its block back to positions only after the work that depends on the token
+alone (JTok's normalisation and gate) has been done once per distinct id. With
+``sparse_grad`` the table gradient holds only the gathered rows (see jtok.optim.RowAdam);
+a dense gradient would be the size of the whole table every step.
+
+Choices the paper leaves OPEN, and what we chose:
+- Init: tables N(0, table_init_std^2), scale s = scale_init (1 by default), router
+  N(0, router_init_std^2). See TokModConfig for the reasons.
+- The router's RMSNorm (Eq 10) has no learnable gain: a per-dimension gain in front of a
+  linear router is absorbed by the router matrix itself, so a gain adds no expressivity.
+- P_i in the balance loss uses the normalised sigmoid, the same scores that weigh the
+  top-K (see `jtok.routing.route_topk`).
+- N_l in 1/sqrt(2 N_l) (Eq 13) is the model's total number of layers, whichever carry
+  tables: it scales each residual update to the depth of the residual stream, as GPT-2's
+  output-projection init does.
+- One kind per model (JTok or JTok-M), on any subset of layers (``tokmod.layers``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from jtok.config import ModelConfig, TokModConfig
+from jtok.routing import balance_loss, route_topk
+
+
+@dataclass
+class TokenRows:
+    """The table rows a batch needs, gathered once for every layer.
+
+    ``layers[i]`` has shape (U, tables_per_layer, d) for the i-th table-carrying layer;
+    position p of the flattened batch reads row ``inverse_N[p]``.
+    """
+
+    layers: tuple[Tensor, ...]
+    inverse_N: Tensor
+
+
+class TokenTables(nn.Module):
+    """Every token-indexed table of a model, stored as one (n_layers * V, n * d) parameter."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = cfg.tokmod_layers
+        self.tables_per_layer = cfg.tokmod.tables_per_layer
+        self.vocab_size = cfg.vocab_size
+        self.d_model = cfg.d_model
+        self.dedup = cfg.tokmod.dedup
+        self.sparse_grad = cfg.tokmod.sparse_grad
+        self.weight = nn.Parameter(
+            torch.empty(len(self.layers) * cfg.vocab_size, self.tables_per_layer * cfg.d_model)
+        )
+
+    def slot(self, layer: int) -> int:
+        """Index into `TokenRows.layers` of a table-carrying layer."""
+        return self.layers.index(layer)
+
+    def row_index(self, ids: Tensor) -> Tensor:
+        """Rows of `weight` for token ids (U,), every layer: shape (n_layers * U,)."""
+        offsets = torch.arange(len(self.layers), device=ids.device) * self.vocab_size
+        return (offsets[:, None] + ids[None, :]).reshape(-1)
+
+    def lookup(self, ids: Tensor) -> TokenRows:
+        """Gather the rows of every layer, in one gather, for token ids of any shape."""
+        flat_ids = ids.reshape(-1)
+        if self.dedup:
+            row_ids, inverse_N = torch.unique(flat_ids, return_inverse=True)
+        else:
+            row_ids = flat_ids
+            inverse_N = torch.arange(flat_ids.numel(), device=ids.device)
+        rows = F.embedding(self.row_index(row_ids), self.weight, sparse=self.sparse_grad)
+        # (L*U, n*d) -> L blocks of (U, n, d). unbind's backward is one stack, so the
+        # gradient of all layers is assembled in one pass, not one full copy per layer.
+        rows_LUnD = rows.view(len(self.layers), row_ids.numel(), self.tables_per_layer, -1)
+        return TokenRows(layers=rows_LUnD.unbind(0), inverse_N=inverse_N)
+
+
+def _unit(rows: Tensor, eps: float) -> Tensor:
+    """L2 projection onto the unit sphere, ``x / (||x||_2 + eps)`` (Eq 7 / Eq 12)."""
+    return rows / (torch.linalg.vector_norm(rows, dim=-1, keepdim=True) + eps)
+
+
+class JTok(nn.Module):
+    """One table per layer gating the FFN update: h' = h~ + m * (1 + s * u) (Eq 7-9)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.tokmod.eps
+        self.scale = nn.Parameter(torch.empty(cfg.d_model))  # s_l
+
+    def forward(
+        self, h_in: Tensor, h_tilde: Tensor, m: Tensor, rows_U1D: Tensor, inverse_N: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        # The gate depends on the token only, so it is computed once per distinct id.
+        u_UD = _unit(rows_U1D[:, 0].float(), self.eps)  # Eq 7
+        gate_UD = torch.addcmul(torch.ones_like(u_UD), self.scale.float(), u_UD)  # Eq 8
+        # F.embedding rather than gate_UD[inverse_N]: same values, and on CPU its backward
+        # (a row scatter-add) is several times faster than advanced indexing's.
+        gate = F.embedding(inverse_N, gate_UD).view_as(m).to(m.dtype)
+        return torch.addcmul(h_tilde, m, gate), None  # Eq 9: the skip path is untouched
+
+
+class JTokM(nn.Module):
+    """A pool of n_e tables per layer, top-K routed, added as a third residual update.
+
+    g = RMSNorm(h) R (Eq 10); w = sigmoid weights renormalised over the top-K (Eq 11);
+    e = sum_i w_i E_i[x] (Eq 12); r = s * e / (||e|| + eps) / sqrt(2 N_l) and
+    h' = h~ + m + r (Eq 13). Returns the unweighted Switch-style balance loss.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        tok: TokModConfig = cfg.tokmod
+        self.top_k = tok.top_k
+        self.eps = tok.eps
+        self.norm_eps = cfg.norm_eps
+        # Without this factor the hidden-state std grows past 5 early in training and
+        # JTok-M ends worse than the baseline (METHOD.md).
+        self.residual_factor = 1.0 / math.sqrt(2 * cfg.n_layers)
+        self.router = nn.Parameter(torch.empty(tok.n_e, cfg.d_model))  # R_l, stored (n_e, d)
+        self.scale = nn.Parameter(torch.empty(cfg.d_model))  # s_l
+
+    def route(self, h_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Eq 10-11 on the layer input, in fp32: (weights_NK, index_NK, probs_NE)."""
+        x_ND = F.rms_norm(h_in.reshape(-1, h_in.shape[-1]).float(), (h_in.shape[-1],),
+                          eps=self.norm_eps)  # fmt: skip
+        logits_NE = F.linear(x_ND, self.router.float())
+        return route_topk(logits_NE, self.top_k, score_func="sigmoid", renormalize=True)
+
+    def forward(
+        self, h_in: Tensor, h_tilde: Tensor, m: Tensor, rows_UnD: Tensor, inverse_N: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        weights_NK, index_NK, probs_NE = self.route(h_in)
+        # Eq 12 as one fused gather-and-weighted-sum: row inverse*n + i of the layer's
+        # (U*n, d) block is E_{l,i}[x]. embedding_bag never materialises the (N, K, d)
+        # gathered rows, and its backward is a single scatter-add.
+        n_tables = rows_UnD.shape[1]
+        e_ND = F.embedding_bag(
+            inverse_N.unsqueeze(1) * n_tables + index_NK,
+            rows_UnD.reshape(-1, rows_UnD.shape[-1]).float(),
+            per_sample_weights=weights_NK,
+            mode="sum",
+        )
+        coeff_N1 = self.residual_factor / (
+            torch.linalg.vector_norm(e_ND, dim=-1, keepdim=True) + self.eps
+        )
+        r_ND = e_ND * coeff_N1 * self.scale.float()  # Eq 13
+        h_out = h_tilde + m + r_ND.view_as(m).to(m.dtype)
+        return h_out, balance_loss(probs_NE, index_NK)

@@ -1,0 +1,89 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jtok.cli import main
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_info_json_has_the_contract_fields(capsys):
+    code, out, _ = run(["info", "--preset", "tiny", "--set", "tokmod.kind=jtokm",
+                        "--set", "tokmod.n_e=5", "--json"], capsys)  # fmt: skip
+    assert code == 0
+    data = json.loads(out)
+    for key in ("backbone_params", "active_backbone_params", "token_params", "eta",
+                "train_flops_per_token"):  # fmt: skip
+        assert key in data
+    assert data["config"]["tokmod"]["n_e"] == 5
+    assert data["token_params"] == 2 * 5 * 512 * 64
+    assert data["eta"] == pytest.approx(data["token_params"] / data["active_backbone_params"])
+
+
+def test_info_table_is_readable(capsys):
+    code, out, _ = run(["info", "--preset", "moe-17b-a2b"], capsys)
+    assert code == 0
+    assert "token params N_n" in out and "43.60B" in out and "JTok-M n_e=5 K=2" in out
+
+
+def test_info_reads_a_config_file(tmp_path, capsys):
+    from jtok.config import preset
+
+    path = tmp_path / "model.yaml"
+    path.write_text("model:\n  d_model: 128\n  n_heads: 4\n  tokmod: {kind: jtok}\n")
+    code, out, _ = run(["info", "--config", str(path), "--json"], capsys)
+    assert code == 0 and json.loads(out)["config"]["d_model"] == 128
+    (tmp_path / "m.json").write_text(preset("tiny").to_json())
+    assert run(["info", "--config", str(tmp_path / "m.json")], capsys)[0] == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "--preset", "tiny", "--set", "tokmod.top_k=9", "--set", "tokmod.kind=jtokm"],
+         "tokmod.top_k"),
+        (["info", "--preset", "tiny", "--set", "nonsense=1"], "nonsense"),
+        (["info", "--preset", "tiny", "--set", "novalue"], "KEY=VALUE"),
+        (["info", "--config", "/does/not/exist.json"], "cannot read config"),
+        (["info"], "--preset"),
+        (["info", "--preset", "tiny", "--seq-len", "0"], "--seq-len"),
+    ],
+)
+def test_user_mistakes_get_one_line_and_exit_2(argv, message, capsys):
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_bad_yaml_is_a_user_error(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: [unclosed\n")
+    code, _, err = run(["info", "--config", str(path)], capsys)
+    assert code == 2 and "not valid YAML" in err
+
+
+def test_bench_runs_and_reports_ratios(capsys):
+    argv = ["bench", "--preset", "tiny", "--batch", "2", "--seq-len", "16", "--steps", "1",
+            "--reps", "2", "--warmup", "1", "--json"]  # fmt: skip
+    code, out, _ = run(argv, capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert set(result["variants"]) == {"baseline", "jtok", "jtokm"}
+    assert result["variants"]["baseline"]["ratio_to_baseline"] == 1.0
+    assert result["variants"]["jtokm"]["token_params"] > 0
+
+
+def test_console_entry_point_help():
+    for argv in (["--help"], ["info", "--help"], ["bench", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "jtok", *argv], capture_output=True,
+                              text=True, check=True)  # fmt: skip
+        assert "usage: jtok" in done.stdout
+    assert "--set" in subprocess.run([sys.executable, "-m", "jtok", "info", "--help"],
+                                     capture_output=True, text=True).stdout  # fmt: skip

@@ -1,0 +1,100 @@
+import json
+
+import pytest
+
+from jtok.config import PRESETS, ConfigError, ModelConfig, MoEConfig, TokModConfig, preset
+from jtok.flops import count_params
+from jtok.model import build_model
+
+
+def test_json_round_trip_preserves_every_field():
+    cfg = preset("tiny-moe").with_overrides(
+        {"tokmod.kind": "jtokm", "tokmod.layers": "0", "moe.score_func": "sigmoid"}
+    )
+    again = ModelConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert json.loads(cfg.to_json())["tokmod"]["layers"] == [0]
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"n_heads": "5"}, "n_heads"),  # does not divide d_model=64
+        ({"n_kv_heads": "3"}, "n_kv_heads"),  # does not divide n_heads
+        ({"d_model": "0"}, "d_model"),
+        ({"vocab_size": "-3"}, "vocab_size"),
+        ({"tokmod.kind": "jtokm", "tokmod.top_k": "6"}, "tokmod.top_k"),  # K > n_e
+        ({"tokmod.n_e": "0"}, "tokmod.n_e"),
+        ({"tokmod.kind": "both"}, "tokmod.kind"),
+        ({"tokmod.layers": "[0, 5]"}, "tokmod.layers"),  # out of range for 2 layers
+        ({"tokmod.layers": "[1, 1]"}, "tokmod.layers"),
+        ({"tokmod.eps": "0"}, "tokmod.eps"),
+        ({"moe.num_experts": "2", "moe.top_k": "3", "moe.expert_hidden": "8"}, "moe.top_k"),
+        ({"moe.num_experts": "2", "moe.expert_hidden": "0"}, "moe.expert_hidden"),
+        ({"moe.score_func": "relu"}, "moe.score_func"),
+        ({"moe.balance": "magic"}, "moe.balance"),
+        ({"tie_embeddings": "sometimes"}, "tie_embeddings"),
+        ({"n_layers": "2.5"}, "n_layers"),
+        ({"colour": "red"}, "colour"),
+        ({"tokmod.colour": "red"}, "tokmod.colour"),
+    ],
+)
+def test_invalid_values_raise_an_error_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        preset("tiny").with_overrides(overrides)
+    assert str(err.value).startswith(field + ":"), str(err.value)
+
+
+def test_unknown_keys_in_json_are_rejected_with_their_path():
+    data = preset("tiny").to_dict()
+    data["moe"]["experts"] = 4
+    with pytest.raises(ConfigError, match=r"^moe\.experts:"):
+        ModelConfig.from_dict(data)
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_json("{not json")
+
+
+def test_direct_construction_validates_too():
+    with pytest.raises(ConfigError, match=r"^tokmod\.top_k:"):
+        ModelConfig(tokmod=TokModConfig(kind="jtokm", n_e=2, top_k=3))
+    with pytest.raises(ConfigError, match=r"^moe\.top_k:"):
+        ModelConfig(moe=MoEConfig(num_experts=4, top_k=5, expert_hidden=8))
+
+
+def test_command_line_values_are_parsed_to_field_types():
+    cfg = preset("tiny").with_overrides({
+        "tokmod.kind": "jtokm", "tokmod.layers": "0,1", "tokmod.aux_weight": "1e-3",
+        "tie_embeddings": "true", "rope_base": "500000", "tokmod.dedup": "false",
+    })  # fmt: skip
+    assert cfg.tokmod.layers == [0, 1] and cfg.tokmod.aux_weight == 1e-3
+    assert cfg.tie_embeddings is True and cfg.tokmod.dedup is False
+    assert isinstance(cfg.rope_base, float) and cfg.rope_base == 5e5
+    assert preset("tiny").with_overrides({"tokmod.layers": "1"}).tokmod.layers == [1]
+    assert preset("tiny").with_overrides({"tokmod.layers": "all"}).tokmod.layers is None
+
+
+def test_overrides_do_not_mutate_the_original():
+    base = preset("tiny")
+    base.with_overrides({"tokmod.kind": "jtok", "d_model": "128"})
+    assert base.tokmod.kind == "none" and base.d_model == 64
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_on_meta_and_matches_the_accounting(name):
+    cfg = preset(name)
+    model = build_model(cfg, device="meta")
+    counts = count_params(cfg)
+    tables = 0 if model.token_tables is None else model.token_tables.weight.numel()
+    backbone = sum(p.numel() for p in model.parameters()) - tables
+    assert backbone == counts.backbone
+    assert tables == counts.token_params
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_paper_scale_presets_have_the_papers_sizes():
+    dense = count_params(preset("dense-190m").with_overrides({"tokmod.kind": "jtok"}))
+    assert abs(dense.backbone - 190e6) / 190e6 < 0.01
+    assert abs(dense.token_params - 460e6) / 460e6 < 0.01  # "+ 460M JTok params"
+    moe = count_params(preset("moe-17b-a2b"))
+    assert abs(moe.backbone - 17e9) / 17e9 < 0.02
+    assert abs(moe.token_params - 43.6e9) / 43.6e9 < 0.005

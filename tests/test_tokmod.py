@@ -1,0 +1,248 @@
+"""JTok and JTok-M against direct transcriptions of METHOD.md's equations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_ids, tiny
+
+from jtok.model import build_model
+from jtok.routing import balance_loss, route_topk
+from jtok.tokmod import JTokM
+
+
+def layer_table(model, layer):
+    """E_l as (V, n, d), cut out of the fused storage."""
+    tables = model.token_tables
+    V = model.cfg.vocab_size
+    slot = tables.slot(layer)
+    return tables.weight[slot * V : (slot + 1) * V].view(V, tables.tables_per_layer, -1)
+
+
+def block_parts(block, h, cos, sin):
+    """h~ and m of a block, computed with the block's own sub-modules."""
+    h_tilde = h + block.attn(block.attn_norm(h), cos, sin)
+    m = block.ffn(block.ffn_norm(h_tilde))
+    return h_tilde, (m[0] if isinstance(m, tuple) else m)
+
+
+def run_block(model, layer, ids, h):
+    T = ids.shape[1]
+    rows = model.token_tables.lookup(ids)
+    block = model.blocks[layer]
+    out, _, aux = block(h, model.rope_cos[:T], model.rope_sin[:T], None,
+                        rows.layers[model.token_tables.slot(layer)], rows.inverse_N)
+    return out, aux
+
+
+def test_jtok_with_zero_scale_equals_the_baseline_bit_for_bit():
+    base = build_model(tiny(), seed=3)
+    jtok = build_model(tiny(tokmod__kind="jtok"), seed=4)
+    missing, unexpected = jtok.load_state_dict(base.state_dict(), strict=False)
+    assert unexpected == [] and all("tokmod" in k or "token_tables" in k for k in missing)
+    with torch.no_grad():
+        for block in jtok.blocks:
+            block.tokmod.scale.zero_()
+    ids = random_ids(base.cfg, batch=2, seq=32)
+    assert torch.equal(jtok(ids).logits, base(ids).logits)
+
+
+def test_jtok_block_equals_equations_7_to_9():
+    cfg = tiny(tokmod__kind="jtok", tokmod__layers="1")
+    model = build_model(cfg, seed=5)
+    block = model.blocks[1]
+    with torch.no_grad():
+        block.tokmod.scale.normal_()  # a non-trivial s_l
+    ids = random_ids(cfg, batch=2, seq=12)
+    h = torch.randn(2, 12, cfg.d_model)
+    out, _ = run_block(model, 1, ids, h)
+
+    E = layer_table(model, 1)[:, 0]  # (V, d)
+    s, eps = block.tokmod.scale, cfg.tokmod.eps
+    h_tilde, m = block_parts(block, h, model.rope_cos[:12], model.rope_sin[:12])
+    expected = torch.empty_like(h)
+    for b in range(2):
+        for t in range(12):
+            e = E[ids[b, t]]
+            u = e / (torch.sqrt((e * e).sum()) + eps)  # Eq 7
+            gate = 1 + s * u  # Eq 8
+            expected[b, t] = h_tilde[b, t] + m[b, t] * gate  # Eq 9
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_jtokm_block_equals_equations_10_to_13(name):
+    cfg = tiny(name, tokmod__kind="jtokm", tokmod__n_e="4", tokmod__top_k="2")
+    model = build_model(cfg, seed=6)
+    layer = 1
+    block = model.blocks[layer]
+    with torch.no_grad():
+        block.tokmod.scale.normal_()
+        block.tokmod.router.normal_()  # spread the routing over the pool
+    ids = random_ids(cfg, batch=2, seq=10)
+    h = torch.randn(2, 10, cfg.d_model)
+    out, aux = run_block(model, layer, ids, h)
+
+    E = layer_table(model, layer)  # (V, n_e, d)
+    R = block.tokmod.router.T  # (d, n_e)
+    s, eps, K = block.tokmod.scale, cfg.tokmod.eps, cfg.tokmod.top_k
+    N_l = cfg.n_layers
+    h_tilde, m = block_parts(block, h, model.rope_cos[:10], model.rope_sin[:10])
+    expected = torch.empty_like(h)
+    for b in range(2):
+        for t in range(10):
+            x = h[b, t]
+            g = (x / torch.sqrt(x.pow(2).mean() + cfg.norm_eps)) @ R  # Eq 10
+            G = torch.topk(g, K).indices
+            sig = torch.sigmoid(g)
+            w = {int(i): sig[i] / sig[G].sum() for i in G}  # Eq 11
+            e = sum(w[i] * E[ids[b, t], i] for i in w)  # Eq 12
+            r = (1 / math.sqrt(2 * N_l)) * s * e / (torch.sqrt((e * e).sum()) + eps)  # Eq 13
+            expected[b, t] = h_tilde[b, t] + m[b, t] + r
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert aux is not None and aux.ndim == 0
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_topk_weights_are_nonnegative_sum_to_one_and_pick_the_largest(score_func):
+    logits = torch.randn(64, 5) * 3
+    weights, index, probs = route_topk(logits, 2, score_func, renormalize=True)
+    assert (weights >= 0).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(64))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(64))
+    assert torch.equal(index.sort(-1).values, logits.topk(2).indices.sort(-1).values)
+
+
+def test_jtokm_routing_weights_are_normalised_sigmoids_of_the_top_k():
+    cfg = tiny(tokmod__kind="jtokm")
+    mod = JTokM(cfg)
+    torch.nn.init.normal_(mod.router)
+    h = torch.randn(3, 7, cfg.d_model)
+    weights, index, _ = mod.route(h)
+    assert (weights >= 0).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(21))
+    logits = F.rms_norm(h.reshape(-1, cfg.d_model), (cfg.d_model,), eps=cfg.norm_eps) @ mod.router.T
+    sig = torch.sigmoid(logits).gather(-1, index)
+    torch.testing.assert_close(weights, sig / sig.sum(-1, keepdim=True))
+
+
+def test_balance_loss_equals_its_formula():
+    logits = torch.randn(40, 5)
+    _, index, probs = route_topk(logits, 2, "sigmoid", renormalize=True)
+    n = 5
+    P = [probs[:, i].mean() for i in range(n)]
+    f = [(index == i).sum() / index.numel() for i in range(n)]
+    expected = n * sum(P[i] * f[i] for i in range(n))
+    torch.testing.assert_close(balance_loss(probs, index), expected)
+
+
+def test_balance_loss_is_lowest_under_uniform_load():
+    k = 2
+    # Uniform: rows take turns between the pairs (0,1) and (2,3), with mirrored scores.
+    uniform = torch.tensor([[2.0, 2.0, -2.0, -2.0], [-2.0, -2.0, 2.0, 2.0]]).repeat(10, 1)
+    skewed = torch.tensor([[3.0, 2.0, -2.0, -2.0]]).repeat(20, 1)
+    partly = torch.cat([uniform[:10], skewed[:10]])
+    losses = []
+    for logits in (uniform, partly, skewed):
+        _, index, probs = route_topk(logits, k, "sigmoid", renormalize=True)
+        losses.append(balance_loss(probs, index))
+    torch.testing.assert_close(losses[0], torch.tensor(1.0))
+    assert losses[0] < losses[1] < losses[2]
+
+
+def test_model_aux_loss_is_lambda_times_the_sum_over_layers():
+    cfg = tiny(tokmod__kind="jtokm", tokmod__aux_weight="0.01")
+    model = build_model(cfg, seed=0)
+    ids = random_ids(cfg)
+    out = model(ids)
+    per_layer = []
+    h = model.embed(ids)
+    for block in model.blocks:
+        h_out, aux = run_block(model, block.layer, ids, h)
+        per_layer.append(aux)
+        h = h_out
+    torch.testing.assert_close(out.aux_loss, 0.01 * torch.stack(per_layer).sum())
+
+
+def grads_of_tables(cfg, ids):
+    model = build_model(cfg, seed=0)
+    out = model(ids)
+    out.logits.square().mean().backward()
+    return model, model.token_tables.weight.grad
+
+
+@pytest.mark.parametrize("kind", ["jtok", "jtokm"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_only_rows_of_tokens_in_the_batch_receive_gradient(kind, sparse):
+    cfg = tiny(tokmod__kind=kind, tokmod__sparse_grad=str(sparse).lower())
+    ids = torch.tensor([[3, 17, 3, 99, 250, 17]])
+    model, grad = grads_of_tables(cfg, ids)
+    grad = grad.to_dense() if sparse else grad
+    V = cfg.vocab_size
+    present = set(ids.flatten().tolist())
+    for slot in range(len(cfg.tokmod_layers)):
+        g = grad[slot * V : (slot + 1) * V]
+        touched = set(torch.nonzero(g.abs().sum(-1)).flatten().tolist())
+        assert touched == present, (slot, touched)
+    if kind == "jtokm":
+        # Within a present token's rows, only the tables routed to receive gradient.
+        g = grad[:V].view(V, cfg.tokmod.n_e, -1)
+        chosen = {(int(x), int(i)) for x, row in
+                  zip(ids.flatten(), model.blocks[0].tokmod.route(model.embed(ids))[1], strict=True)
+                  for i in row}  # fmt: skip
+        nonzero = {(int(x), int(i)) for x, i in torch.nonzero(g.abs().sum(-1))}
+        assert nonzero == chosen
+
+
+@pytest.mark.parametrize("kind", ["jtok", "jtokm"])
+@pytest.mark.parametrize("dedup", [True, False])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fused_lookup_equals_a_per_layer_embedding_reference(kind, dedup, sparse):
+    cfg = tiny(tokmod__kind=kind, tokmod__layers="[0, 1]",
+               tokmod__dedup=str(dedup).lower(), tokmod__sparse_grad=str(sparse).lower())
+    model = build_model(cfg, seed=1)
+    tables = model.token_tables
+    V, n, d = cfg.vocab_size, cfg.tokmod.tables_per_layer, cfg.d_model
+    reference = torch.nn.ModuleList(torch.nn.Embedding(V, n * d) for _ in cfg.tokmod_layers)
+    with torch.no_grad():
+        for slot, emb in enumerate(reference):
+            emb.weight.copy_(tables.weight[slot * V : (slot + 1) * V])
+    ids = torch.tensor([[5, 9, 5, 5, 42], [9, 1, 0, 42, 5]])
+    probe = torch.randn(len(cfg.tokmod_layers), ids.numel(), n, d)
+
+    rows = tables.lookup(ids)
+    fused_loss = 0.0
+    for slot, block_rows in enumerate(rows.layers):
+        expanded = block_rows[rows.inverse_N]  # (N, n, d)
+        ref = reference[slot](ids.flatten()).view(-1, n, d)
+        assert torch.equal(expanded, ref)
+        fused_loss = fused_loss + (expanded * probe[slot]).sum()
+    ref_loss = sum((reference[s](ids.flatten()).view(-1, n, d) * probe[s]).sum()
+                   for s in range(len(reference)))  # fmt: skip
+    fused_loss.backward()
+    ref_loss.backward()
+    grad = tables.weight.grad.to_dense() if sparse else tables.weight.grad
+    for slot, emb in enumerate(reference):
+        torch.testing.assert_close(grad[slot * V : (slot + 1) * V], emb.weight.grad)
+
+
+@pytest.mark.parametrize("kind", ["jtok", "jtokm"])
+def test_deduplicated_model_equals_the_plain_one(kind):
+    ids = torch.tensor([[7, 7, 7, 3, 7, 3, 1, 1]])
+    out = {}
+    for dedup in (True, False):
+        cfg = tiny(tokmod__kind=kind, tokmod__dedup=str(dedup).lower())
+        model, grad = grads_of_tables(cfg, ids)
+        out[dedup] = (model(ids).logits, grad)
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-5, atol=1e-7)
+
+
+def test_jtok_and_jtokm_can_sit_on_any_subset_of_layers():
+    cfg = tiny("tiny-moe", tokmod__kind="jtokm", tokmod__layers="[1]")
+    model = build_model(cfg)
+    assert model.blocks[0].tokmod is None and isinstance(model.blocks[1].tokmod, JTokM)
+    assert model.token_tables.weight.shape == (cfg.vocab_size, cfg.tokmod.n_e * cfg.d_model)
+    out = model(random_ids(cfg))
+    assert torch.isfinite(out.logits).all()
