@@ -114,7 +114,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("  active per token", _human(summary["active_backbone_params"])),
         ("  non-embedding", _human(summary["non_embedding_params"])),
         ("token params N_n", _human(summary["token_params"])),
-        ("eta = N_n / N_c", f"{summary['eta']:.3f}"),
+        ("eta = N_n / N_c (active)", f"{summary['eta']:.3f}"),
         ("rho = K / n_e", f"{summary['rho']:.3f}"),
         (f"train FLOPs/token (T={summary['seq_len']})", _human(summary["train_flops_per_token"])),
         ("inference FLOPs/token", _human(summary["inference_flops_per_token"])),
@@ -194,9 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    bench.add_argument("--optimizer", choices=["adamw", "sparse"], default="adamw",
+    bench.add_argument("--optimizer", choices=["adamw", "sparse"], default="sparse",
                        help="adamw: AdamW on everything (dense table gradients); sparse: "
-                       "sparse table gradients updated row-wise by RowAdam (default: adamw)")
+                       "sparse table gradients updated row-wise by RowAdam (default: sparse)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--out", type=Path, help="also write the JSON result here")
     bench.set_defaults(handler=cmd_bench)

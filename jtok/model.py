@@ -61,11 +61,12 @@ class KVCache:
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int | None = None,
               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
               ) -> KVCache:  # fmt: skip
-        max_len = max_len or cfg.max_seq_len
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        make = lambda: [torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
-                        for _ in range(cfg.n_layers)]  # fmt: skip
-        return cls(keys=make(), values=make())
+        shape = (batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim)
+
+        def per_layer() -> list[Tensor]:
+            return [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+
+        return cls(keys=per_layer(), values=per_layer())
 
     @property
     def max_len(self) -> int:

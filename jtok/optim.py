@@ -14,8 +14,8 @@ from torch import Tensor
 class RowAdam(torch.optim.Optimizer):
     """Adam for tables with sparse (row-wise) gradients, with decoupled weight decay.
 
-    Each row is its own Adam whose clock ticks only when the row receives a gradient:
-    rows absent from a batch keep their moments and values unchanged ("lazy" Adam), and
+    Each row is its own Adam whose clock ticks only when the row receives a nonzero
+    gradient: other rows keep their moments and values unchanged ("lazy" Adam), and
     the bias correction uses the row's own step count, so a rare token's first update has
     the same size as a frequent token's. This differs from dense AdamW, whose momentum
     keeps moving rows that are absent from the batch.
@@ -79,13 +79,16 @@ class RowAdam(torch.optim.Optimizer):
 def _unique_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     """(row indices, row values) of a sparse gradient, each row once.
 
-    Gradients gathered through deduplicated ids already hold each row once in increasing
-    order; only otherwise is the (sorting) coalesce paid.
+    Rows whose gradient is all zero are dropped: a gathered row that no position used
+    (a JTok-M table that was not routed to) is not stepped. Gradients gathered through
+    deduplicated ids already hold each row once in increasing order; only otherwise is
+    the (sorting) coalesce paid.
     """
-    if not grad.is_coalesced():
-        rows = grad._indices()[0]
-        if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
-            return rows, grad._values()
+    rows = grad._indices()[0]
+    if not grad.is_coalesced() and rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
         grad = grad.coalesce()
-    return grad._indices()[0], grad._values()
+        rows = grad._indices()[0]
+    values = grad._values()
+    used = values.reshape(values.shape[0], -1).any(dim=1)
+    return rows[used], values[used]
 

@@ -4,15 +4,17 @@ This module is where the method lives; everything else in jtok is a standard bac
 Equation numbers refer to METHOD.md / arXiv 2602.00800.
 
 Storage. All tables of a model are one parameter ``weight`` of shape
-``(n_tok_layers * V, tables_per_layer * d)``: row ``l * V + x`` holds the n tables' rows
-of token x for the l-th table-carrying layer. A forward does one gather for all layers
-(`TokenTables.lookup`), and with ``dedup`` that gather reads each distinct token id of
-the batch once (token frequencies are Zipfian, so a batch has far fewer distinct ids
-than positions); the result splits into one contiguous (U, n, d) block per layer. Each
-layer expands its block back to positions only after the work that depends on the token
-alone (JTok's normalisation and gate) has been done once per distinct id. With
-``sparse_grad`` the table gradient holds only the gathered rows (see jtok.optim.RowAdam);
-a dense gradient would be the size of the whole table every step.
+``(n_tok_layers * V * n, d)`` with n tables per layer: row ``(l * V + x) * n + i`` is
+table i's row for token x in the l-th table-carrying layer. A forward does one gather for
+all layers (`TokenTables.lookup`), and with ``dedup`` that gather reads each distinct
+token id of the batch once (token frequencies are Zipfian, so a batch has far fewer
+distinct ids than positions); the result splits into one contiguous (U, n, d) block per
+layer. Each layer expands its block back to positions only after the work that depends
+on the token alone (JTok's normalisation and gate) has been done once per distinct id.
+With ``sparse_grad`` the table gradient holds only the gathered rows, and an optimizer
+such as `jtok.optim.RowAdam` updates only those that received a nonzero gradient (JTok-M
+routes each position to K of n tables, so many gathered rows get none); a dense gradient
+would be the size of the whole table every step.
 
 Choices the paper leaves OPEN, and what we chose:
 - Init: tables N(0, table_init_std^2), scale s = scale_init (1 by default), router
@@ -53,28 +55,34 @@ class TokenRows:
 
 
 class TokenTables(nn.Module):
-    """Every token-indexed table of a model, stored as one (n_layers * V, n * d) parameter."""
+    """Every token-indexed table of a model, one (d,) row per (layer, token, table)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.layers = cfg.tokmod_layers
         self.tables_per_layer = cfg.tokmod.tables_per_layer
         self.vocab_size = cfg.vocab_size
-        self.d_model = cfg.d_model
         self.dedup = cfg.tokmod.dedup
         self.sparse_grad = cfg.tokmod.sparse_grad
-        self.weight = nn.Parameter(
-            torch.empty(len(self.layers) * cfg.vocab_size, self.tables_per_layer * cfg.d_model)
-        )
+        n_rows = len(self.layers) * cfg.vocab_size * self.tables_per_layer
+        self.weight = nn.Parameter(torch.empty(n_rows, cfg.d_model))
 
     def slot(self, layer: int) -> int:
         """Index into `TokenRows.layers` of a table-carrying layer."""
         return self.layers.index(layer)
 
+    def layer_weight(self, layer: int) -> Tensor:
+        """The tables of one layer as a (V, n, d) view: E_{l,i}[x] = layer_weight(l)[x, i]."""
+        rows = self.vocab_size * self.tables_per_layer
+        start = self.slot(layer) * rows
+        return self.weight[start : start + rows].view(self.vocab_size, self.tables_per_layer, -1)
+
     def row_index(self, ids: Tensor) -> Tensor:
-        """Rows of `weight` for token ids (U,), every layer: shape (n_layers * U,)."""
-        offsets = torch.arange(len(self.layers), device=ids.device) * self.vocab_size
-        return (offsets[:, None] + ids[None, :]).reshape(-1)
+        """Rows of `weight` for token ids (U,), all layers and tables: (n_layers * U * n,)."""
+        n = self.tables_per_layer
+        layer_start = torch.arange(len(self.layers), device=ids.device) * self.vocab_size
+        token_row = (layer_start[:, None] + ids[None, :]) * n  # (L, U)
+        return (token_row[:, :, None] + torch.arange(n, device=ids.device)).reshape(-1)
 
     def lookup(self, ids: Tensor) -> TokenRows:
         """Gather the rows of every layer, in one gather, for token ids of any shape."""
@@ -85,10 +93,40 @@ class TokenTables(nn.Module):
             row_ids = flat_ids
             inverse_N = torch.arange(flat_ids.numel(), device=ids.device)
         rows = F.embedding(self.row_index(row_ids), self.weight, sparse=self.sparse_grad)
-        # (L*U, n*d) -> L blocks of (U, n, d). unbind's backward is one stack, so the
+        # (L*U*n, d) -> L blocks of (U, n, d). unbind's backward is one stack, so the
         # gradient of all layers is assembled in one pass, not one full copy per layer.
         rows_LUnD = rows.view(len(self.layers), row_ids.numel(), self.tables_per_layer, -1)
         return TokenRows(layers=rows_LUnD.unbind(0), inverse_N=inverse_N)
+
+
+class _AddScaledUnit(torch.autograd.Function):
+    """``base + s * c * e / (||e||_2 + eps)`` per row, fused (Eq 13).
+
+    Autograd's composition of norm, divide, scale and add makes about twice as many
+    full-width passes over (N, d) in backward as this hand-written derivative:
+        u = c e / (n + eps),  n = ||e||
+        d/de: c/(n+eps) * g_u - c/((n+eps)^2 n) * (g_u . e) * e,   with g_u = g * s
+        d/ds: sum_rows g * u;  d/dbase: g
+    """
+
+    @staticmethod
+    def forward(ctx, base_ND: Tensor, e_ND: Tensor, s_D: Tensor, c: float, eps: float) -> Tensor:
+        norm_N1 = torch.linalg.vector_norm(e_ND, dim=-1, keepdim=True)
+        coeff_N1 = c / (norm_N1 + eps)
+        ctx.save_for_backward(e_ND, s_D, norm_N1, coeff_N1)
+        ctx.eps = eps
+        return torch.addcmul(base_ND, e_ND * coeff_N1, s_D)
+
+    @staticmethod
+    def backward(ctx, grad_ND: Tensor):
+        e_ND, s_D, norm_N1, coeff_N1 = ctx.saved_tensors
+        grad_u_ND = grad_ND * s_D
+        dot_N1 = torch.linalg.vecdot(grad_u_ND, e_ND).unsqueeze(-1)
+        # n > 0 in practice; the clamp keeps e = 0 (whose term is 0) free of 0/0.
+        radial_N1 = coeff_N1 * dot_N1 / ((norm_N1 + ctx.eps) * norm_N1.clamp_min(1e-30))
+        grad_e = grad_u_ND.mul_(coeff_N1).sub_(e_ND * radial_N1)
+        grad_s = torch.mm(coeff_N1.T, grad_ND * e_ND).squeeze(0)
+        return grad_ND, grad_e, grad_s, None, None
 
 
 def _unit(rows: Tensor, eps: float) -> Tensor:
@@ -138,9 +176,11 @@ class JTokM(nn.Module):
 
     def route(self, h_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Eq 10-11 on the layer input, in fp32: (weights_NK, index_NK, probs_NE)."""
-        x_ND = F.rms_norm(h_in.reshape(-1, h_in.shape[-1]).float(), (h_in.shape[-1],),
-                          eps=self.norm_eps)  # fmt: skip
-        logits_NE = F.linear(x_ND, self.router.float())
+        h_ND = h_in.reshape(-1, h_in.shape[-1]).float()
+        # RMSNorm(h) R = (h R) * rstd(h): normalising after the n_e-wide projection gives
+        # the same logits with fewer full-width passes (and backward passes) over h.
+        rstd_N1 = torch.rsqrt(h_ND.square().mean(-1, keepdim=True) + self.norm_eps)
+        logits_NE = F.linear(h_ND, self.router.float()) * rstd_N1  # Eq 10
         return route_topk(logits_NE, self.top_k, score_func="sigmoid", renormalize=True)
 
     def forward(
@@ -157,9 +197,8 @@ class JTokM(nn.Module):
             per_sample_weights=weights_NK,
             mode="sum",
         )
-        coeff_N1 = self.residual_factor / (
-            torch.linalg.vector_norm(e_ND, dim=-1, keepdim=True) + self.eps
-        )
-        r_ND = e_ND * coeff_N1 * self.scale.float()  # Eq 13
-        h_out = h_tilde + m + r_ND.view_as(m).to(m.dtype)
-        return h_out, balance_loss(probs_NE, index_NK)
+        base_ND = (h_tilde + m).reshape(e_ND.shape).float()
+        h_out = _AddScaledUnit.apply(
+            base_ND, e_ND, self.scale.float(), self.residual_factor, self.eps
+        )  # Eq 13: h' = h~ + m + s * e / (||e|| + eps) / sqrt(2 N_l)
+        return h_out.view_as(m).to(h_tilde.dtype), balance_loss(probs_NE, index_NK)

@@ -13,11 +13,13 @@ from jtok.tokmod import JTokM
 
 
 def layer_table(model, layer):
-    """E_l as (V, n, d), cut out of the fused storage."""
+    """E_l as (V, n, d), cut out of the fused storage by hand (rows (l*V + x)*n + i)."""
     tables = model.token_tables
-    V = model.cfg.vocab_size
+    V, n = model.cfg.vocab_size, tables.tables_per_layer
     slot = tables.slot(layer)
-    return tables.weight[slot * V : (slot + 1) * V].view(V, tables.tables_per_layer, -1)
+    table = tables.weight[slot * V * n : (slot + 1) * V * n].view(V, n, -1)
+    assert torch.equal(table, tables.layer_weight(layer))
+    return table
 
 
 def block_parts(block, h, cos, sin):
@@ -179,15 +181,15 @@ def test_only_rows_of_tokens_in_the_batch_receive_gradient(kind, sparse):
     ids = torch.tensor([[3, 17, 3, 99, 250, 17]])
     model, grad = grads_of_tables(cfg, ids)
     grad = grad.to_dense() if sparse else grad
-    V = cfg.vocab_size
+    V, n = cfg.vocab_size, cfg.tokmod.tables_per_layer
     present = set(ids.flatten().tolist())
     for slot in range(len(cfg.tokmod_layers)):
-        g = grad[slot * V : (slot + 1) * V]
-        touched = set(torch.nonzero(g.abs().sum(-1)).flatten().tolist())
+        g = grad[slot * V * n : (slot + 1) * V * n].view(V, n, -1)
+        touched = set(torch.nonzero(g.abs().sum((1, 2))).flatten().tolist())
         assert touched == present, (slot, touched)
     if kind == "jtokm":
         # Within a present token's rows, only the tables routed to receive gradient.
-        g = grad[:V].view(V, cfg.tokmod.n_e, -1)
+        g = grad[: V * n].view(V, n, -1)
         chosen = {(int(x), int(i)) for x, row in
                   zip(ids.flatten(), model.blocks[0].tokmod.route(model.embed(ids))[1], strict=True)
                   for i in row}  # fmt: skip
@@ -206,8 +208,8 @@ def test_fused_lookup_equals_a_per_layer_embedding_reference(kind, dedup, sparse
     V, n, d = cfg.vocab_size, cfg.tokmod.tables_per_layer, cfg.d_model
     reference = torch.nn.ModuleList(torch.nn.Embedding(V, n * d) for _ in cfg.tokmod_layers)
     with torch.no_grad():
-        for slot, emb in enumerate(reference):
-            emb.weight.copy_(tables.weight[slot * V : (slot + 1) * V])
+        for layer, emb in zip(cfg.tokmod_layers, reference, strict=True):
+            emb.weight.copy_(tables.layer_weight(layer).reshape(V, n * d))
     ids = torch.tensor([[5, 9, 5, 5, 42], [9, 1, 0, 42, 5]])
     probe = torch.randn(len(cfg.tokmod_layers), ids.numel(), n, d)
 
@@ -224,7 +226,8 @@ def test_fused_lookup_equals_a_per_layer_embedding_reference(kind, dedup, sparse
     ref_loss.backward()
     grad = tables.weight.grad.to_dense() if sparse else tables.weight.grad
     for slot, emb in enumerate(reference):
-        torch.testing.assert_close(grad[slot * V : (slot + 1) * V], emb.weight.grad)
+        layer_grad = grad[slot * V * n : (slot + 1) * V * n].reshape(V, n * d)
+        torch.testing.assert_close(layer_grad, emb.weight.grad)
 
 
 @pytest.mark.parametrize("kind", ["jtok", "jtokm"])
@@ -243,6 +246,20 @@ def test_jtok_and_jtokm_can_sit_on_any_subset_of_layers():
     cfg = tiny("tiny-moe", tokmod__kind="jtokm", tokmod__layers="[1]")
     model = build_model(cfg)
     assert model.blocks[0].tokmod is None and isinstance(model.blocks[1].tokmod, JTokM)
-    assert model.token_tables.weight.shape == (cfg.vocab_size, cfg.tokmod.n_e * cfg.d_model)
+    assert model.token_tables.weight.shape == (cfg.vocab_size * cfg.tokmod.n_e, cfg.d_model)
     out = model(random_ids(cfg))
     assert torch.isfinite(out.logits).all()
+
+
+def test_fused_eq13_gradient_matches_autograd_of_the_plain_formula():
+    from jtok.tokmod import _AddScaledUnit
+
+    torch.manual_seed(0)
+    base = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    c, eps = 0.3, 1e-6
+    assert torch.autograd.gradcheck(lambda b, x, y: _AddScaledUnit.apply(b, x, y, c, eps),
+                                    (base, e, s))  # fmt: skip
+    plain = base + c * s * e / (e.norm(dim=-1, keepdim=True) + eps)
+    torch.testing.assert_close(_AddScaledUnit.apply(base, e, s, c, eps), plain)
