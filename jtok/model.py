@@ -260,10 +260,10 @@ class JTokModel(nn.Module):
         aux_loss = logits.new_zeros((), dtype=torch.float32)
         terms: dict[str, Tensor] = {}
         if ffn_aux:
-            terms["moe_balance"] = torch.stack(ffn_aux).mean()
+            terms["moe_balance"] = torch.stack(ffn_aux).mean().detach()
             aux_loss = aux_loss + self.cfg.moe.aux_weight * torch.stack(ffn_aux).sum()
         if tok_aux:
-            terms["tokmod_balance"] = torch.stack(tok_aux).mean()
+            terms["tokmod_balance"] = torch.stack(tok_aux).mean().detach()
             aux_loss = aux_loss + self.cfg.tokmod.aux_weight * torch.stack(tok_aux).sum()
         return ModelOutput(logits=logits, aux_loss=aux_loss, aux_terms=terms)
 
