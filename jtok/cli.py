@@ -256,7 +256,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_cfg = resolve_run_config(args)
     summary = train(run_cfg, args.out, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.no_progress)  # fmt: skip
-    if "val_loss" in summary:
+    if summary["is_main"] and "val_loss" in summary:
         print(f"step {summary['steps']}: val loss {summary['val_loss']:.4f}, "
               f"ppl {summary['val_ppl']:.2f}, bpb {summary['val_bpb']:.4f}")  # fmt: skip
     return 0
@@ -332,6 +332,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
                        args.top_p, args.seed, stop_id=eot)  # fmt: skip
     new_ids = [i for i in new_ids if i != eot]
     print(args.prompt + tokenizer.decode(new_ids))
+    return 0
+
+
+# ---- jtok demo --------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from jtok.demo import format_table, run_demo
+
+    if args.steps <= 0:
+        raise UsageError("--steps must be positive")
+    summary = run_demo(args.out, steps=args.steps, progress=not args.no_progress)
+    print(format_table(summary))
+    print(f"\nwrote {args.out / 'summary.json'} and {args.out / 'loss_curves.png'}")
     return 0
 
 
@@ -424,6 +438,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start over in a non-empty --out (deletes its checkpoints)")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(handler=cmd_train)
+
+    de = sub.add_parser(
+        "demo",
+        help="train baseline, JTok and JTok-M side by side (about 10 minutes on CPU)",
+        description="On the default corpus (Shakespeare), train one small backbone three "
+        "ways (baseline, JTok, JTok-M) for the same tokens; print a table and write "
+        "OUT/summary.json and OUT/loss_curves.png. Re-running resumes unfinished runs.",
+    )
+    de.add_argument("--out", type=Path, required=True, help="output directory")
+    de.add_argument("--steps", type=int, default=600, help="optimizer steps per variant")
+    de.add_argument("--no-progress", action="store_true")
+    de.set_defaults(handler=cmd_demo)
 
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained run",
                         description="Evaluate a run's latest (or given) checkpoint on a "

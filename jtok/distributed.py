@@ -63,6 +63,11 @@ def shutdown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        dist.barrier()
+
+
 def all_reduce_mean_(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

@@ -206,5 +206,6 @@ def lr_factor(step: int, train_cfg) -> float:
     decay_start = max(warmup, total - round(train_cfg.decay_fraction * total))
     if step < decay_start:
         return 1.0
-    progress = (step - decay_start) / max(1, total - 1 - decay_start)
+    # Every step of the decay phase is below the peak; the last one is at the floor.
+    progress = (step - decay_start + 1) / max(1, total - decay_start)
     return 1.0 - (1 - floor) * min(1.0, progress)

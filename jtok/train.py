@@ -24,7 +24,13 @@ import torch.nn.functional as F
 from jtok import checkpoint as ckpt
 from jtok import data
 from jtok.config import RunConfig
-from jtok.distributed import DistEnv, all_reduce_mean_, average_gradients, init_distributed
+from jtok.distributed import (
+    DistEnv,
+    all_reduce_mean_,
+    average_gradients,
+    barrier,
+    init_distributed,
+)
 from jtok.distributed import shutdown as shutdown_distributed
 from jtok.ffn import MoE, update_balance_bias
 from jtok.model import build_model
@@ -170,22 +176,24 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def prepare_run_dir(run_dir: Path, run_cfg: RunConfig, resume: bool, overwrite: bool,
-                    is_main: bool) -> RunConfig:  # fmt: skip
-    """Create, check or reuse the run directory; return the config the run will use."""
+                    env: DistEnv) -> None:  # fmt: skip
+    """Check, then create or reuse the run directory and write the resolved config.
+
+    Every process checks before any writes (a barrier apart), so that no process
+    mistakes the files of another for a previous run.
+    """
     config_path = run_dir / CONFIG_FILE
-    if resume:
-        if not config_path.is_file():
-            raise TrainingError(f"--resume: {run_dir} holds no run (no {CONFIG_FILE})")
-        if is_main:  # the caller merged the saved config with any overrides (more steps)
-            ckpt.write_json_atomic(config_path, run_cfg.to_dict())
-        return run_cfg
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise TrainingError(
-                f"run directory {run_dir} is not empty; use --resume to continue it or "
-                "--overwrite to start over (its checkpoints and metrics will be deleted)"
-            )
-        if is_main:
+    if resume and not config_path.is_file():
+        raise TrainingError(f"--resume: {run_dir} holds no run (no {CONFIG_FILE})")
+    occupied = not resume and run_dir.exists() and any(run_dir.iterdir())
+    if occupied and not overwrite:
+        raise TrainingError(
+            f"run directory {run_dir} is not empty; use --resume to continue it or "
+            "--overwrite to start over (its checkpoints and metrics will be deleted)"
+        )
+    barrier(env)
+    if env.is_main:
+        if occupied:
             for name in (ckpt.CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE, "tensorboard",
                          TOKENIZER_FILE):  # fmt: skip
                 target = run_dir / name
@@ -193,10 +201,10 @@ def prepare_run_dir(run_dir: Path, run_cfg: RunConfig, resume: bool, overwrite: 
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
-    if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # On resume the caller merged the saved config with any overrides (more steps).
         ckpt.write_json_atomic(config_path, run_cfg.to_dict())
-    return run_cfg
+    barrier(env)
 
 
 def train(run_cfg: RunConfig, run_dir: Path | str, *, resume: bool = False,
@@ -228,7 +236,7 @@ def _train(run_cfg, run_dir, env: DistEnv, resume, overwrite, progress, log) -> 
         saved_tokenizer = ckpt.read_state(latest).get("tokenizer_sha256")
         if saved_tokenizer:
             data.check_tokenizer(manifest, saved_tokenizer)
-    run_cfg = prepare_run_dir(run_dir, run_cfg, resume, overwrite, env.is_main)
+    prepare_run_dir(run_dir, run_cfg, resume, overwrite, env)
     if env.is_main:
         shutil.copyfile(Path(tcfg.data) / manifest["tokenizer"], run_dir / TOKENIZER_FILE)
 
@@ -324,4 +332,4 @@ def _train(run_cfg, run_dir, env: DistEnv, resume, overwrite, progress, log) -> 
     if bar is not None:
         bar.close()
     metrics.close()
-    return {"steps": tcfg.steps, "final_loss": loss_value, **last_val}
+    return {"steps": tcfg.steps, "final_loss": loss_value, "is_main": env.is_main, **last_val}

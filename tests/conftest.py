@@ -24,3 +24,34 @@ def tiny_model(name: str = "tiny", seed: int = 0, **overrides):
 def random_ids(cfg, batch=2, seq=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small prepared dataset (BPE vocab 320) from generated English-like text."""
+    import random
+
+    from jtok.data import prepare
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    rng = random.Random(0)
+    words = ("the king and queen of a land by the sea went to see what the fool had "
+             "said about stars rain bread swords honour night day love war").split()
+    text = "\n\n".join(
+        " ".join(rng.choice(words) for _ in range(rng.randint(30, 90))) for _ in range(400)
+    )
+    (root / "corpus.txt").write_text(text)
+    out = root / "prepared"
+    prepare([str(root / "corpus.txt")], out, vocab_size=320, val_fraction=0.1,
+            progress=False, log=lambda msg: None)  # fmt: skip
+    return out
+
+
+def tiny_run_config(data_dir, **train_overrides):
+    from jtok.config import RunConfig, TrainConfig
+
+    model = preset("tiny").with_overrides({"vocab_size": "320", "tokmod.kind": "jtokm"})
+    train = dict(data=str(data_dir), seq_len=32, batch_size=8, steps=12, lr=3e-3,
+                 warmup_steps=2, eval_every=6, eval_tokens=2048, save_every=4, log_every=1)
+    train.update(train_overrides)
+    return RunConfig(model=model, train=TrainConfig(**train))

@@ -1,0 +1,238 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_run_config
+
+from jtok import checkpoint as ckpt
+from jtok.cli import main
+from jtok.config import TrainConfig
+from jtok.optim import Optimizers, lr_factor, param_role
+from jtok.train import TrainingError, read_metrics, train
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
+
+
+def test_training_reduces_loss_and_writes_a_complete_run(tiny_data, tmp_path):
+    cfg = tiny_run_config(tiny_data, steps=30, lr=1e-2)
+    summary = train(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text()) == cfg.to_dict()
+    assert (run / "tokenizer.json").is_file()
+    trajectory = [loss for _, loss in losses(run)]
+    assert trajectory[-1] < trajectory[0] - 0.5
+    assert summary["val_loss"] < 5.0 and math.isfinite(summary["val_bpb"])
+    kept = [p.name for p in ckpt.list_checkpoints(run)]
+    assert kept == ["step_00000028", "step_00000030"]  # keep_checkpoints=2
+
+
+def run_cli_train(args, **popen):
+    return subprocess.Popen([sys.executable, "-m", "jtok", "train", "--no-progress", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)  # fmt: skip
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run_exactly(tiny_data, tmp_path):
+    common = ["--preset", "tiny", "--data", str(tiny_data), "--set", "tokmod.kind=jtokm",
+              "--set", "seq_len=32", "--set", "batch_size=8", "--set", "steps=16",
+              "--set", "save_every=4", "--set", "eval_every=8", "--set", "eval_tokens=1024",
+              "--set", "log_every=1", "--set", "warmup_steps=2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = run_cli_train([*common, "--out", str(tmp_path / "full")], env=env)
+    assert full.wait(timeout=120) == 0, full.stderr.read()
+
+    killed = tmp_path / "killed"
+    proc = run_cli_train([*common, "--set", "steps=16", "--out", str(killed)], env=env)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step_00000008").is_dir():
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint before exit"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.latest_checkpoint(killed).name in ("step_00000008", "step_00000012")
+    resumed = run_cli_train(["--out", str(killed), "--resume"], env=env)
+    assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
+
+    assert losses(killed) == losses(tmp_path / "full")  # bit-identical on CPU
+    val = [(r["step"], r["val_loss"]) for r in read_metrics(killed) if "val_loss" in r]
+    assert val == [(r["step"], r["val_loss"]) for r in read_metrics(tmp_path / "full")
+                   if "val_loss" in r]  # fmt: skip
+
+
+def test_two_process_torchrun_matches_single_process_training(tiny_data, tmp_path):
+    args = ["--preset", "tiny", "--data", str(tiny_data), "--set", "tokmod.kind=jtokm",
+            "--set", "seq_len=32", "--set", "batch_size=8", "--set", "steps=6",
+            "--set", "eval_every=0", "--set", "save_every=6", "--set", "log_every=1",
+            "--set", "warmup_steps=2", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "jtok", "train", *args, "--out",
+                             str(tmp_path / "single")], env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    dist = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "jtok", "train", *args, "--out", str(tmp_path / "dist")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "dist")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
+    for (_, x), (_, y) in zip(a, b, strict=True):
+        assert x == pytest.approx(y, rel=2e-4)
+    w1 = ckpt.load_run(tmp_path / "single")[1].state_dict()
+    w2 = ckpt.load_run(tmp_path / "dist")[1].state_dict()
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_data, tmp_path):
+    one = train(tiny_run_config(tiny_data, steps=4), tmp_path / "a", progress=False,
+                log=lambda m: None)  # fmt: skip
+    two = train(tiny_run_config(tiny_data, steps=4, grad_accum=2), tmp_path / "b",
+                progress=False, log=lambda m: None)  # fmt: skip
+    assert one["final_loss"] == pytest.approx(two["final_loss"], rel=1e-4)
+
+
+def test_refuses_a_non_empty_run_directory_unless_told(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    argv = ["train", "--preset", "tiny", "--data", str(tiny_data), "--set", "seq_len=32",
+            "--set", "steps=2", "--set", "batch_size=4", "--out", str(run), "--no-progress"]
+    assert main(argv) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (run / "notes.txt").read_text() == "mine" and not (run / "config.json").exists()
+    assert main([*argv, "--overwrite"]) == 0
+    assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_data, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    import jtok.train as train_module
+
+    real_loss, calls = train_module.lm_loss, {"n": 0}
+
+    def poisoned(model, x, y):
+        calls["n"] += 1
+        loss, out = real_loss(model, x, y)
+        return (loss * float("nan") if calls["n"] > 5 else loss), out
+
+    monkeypatch.setattr(train_module, "lm_loss", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5.*step_00000004"):
+        train(tiny_run_config(tiny_data), run, progress=False, log=lambda m: None)
+    _, model, state = ckpt.load_run(run)
+    assert state["step"] == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):
+    model = tiny_model()
+    ckpt.save_checkpoint(tmp_path, 1, model)
+    before = ckpt.load_run  # noqa: F841 (reference kept for clarity)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path, 2, model)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001"]
+    fresh = tiny_model(seed=9)
+    ckpt.load_model_weights(ckpt.latest_checkpoint(tmp_path), fresh)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[key])
+
+
+def test_checkpoint_round_trip_restores_optimizer_state(tmp_path):
+    model = tiny_model(tokmod__kind="jtokm")
+    opts = Optimizers(model, TrainConfig(seq_len=32))
+    ids = torch.randint(0, 512, (2, 16))
+    out = model(ids)
+    (out.logits.square().mean() + out.aux_loss).backward()
+    opts.step()
+    ckpt.save_checkpoint(tmp_path, 3, model, opts)
+    model2 = tiny_model(tokmod__kind="jtokm", seed=5)
+    opts2 = Optimizers(model2, TrainConfig(seq_len=32))
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), model2, opts2)
+    assert state["step"] == 3
+    for a, b in zip(opts.state_dict(), opts2.state_dict(), strict=True):
+        for pid, entries in a["state"].items():
+            for key, value in entries.items():
+                assert torch.equal(value, b["state"][pid][key]), key
+                assert value.dtype == b["state"][pid][key].dtype, key
+
+
+def test_parameter_roles_and_their_hyperparameters():
+    model = tiny_model("tiny-moe", tokmod__kind="jtokm")
+    roles = {name: param_role(name, p) for name, p in model.named_parameters()}
+    assert roles["token_tables.weight"] == "table"
+    assert roles["embed.weight"] == roles["head.weight"] == "embedding"
+    assert roles["blocks.0.ffn.router.weight"] == roles["blocks.0.tokmod.router"] == "router"
+    assert roles["blocks.0.tokmod.scale"] == roles["norm.weight"] == "norm"
+    assert roles["blocks.0.ffn.w13"] == roles["blocks.0.attn.wqkv.weight"] == "matrix"
+    cfg = TrainConfig(seq_len=32, lr=1e-3, table_lr_mult=4.0, weight_decay=0.1)
+    groups = {g["role"]: g for g in Optimizers(model, cfg).param_groups}
+    assert groups["table"]["lr"] == pytest.approx(4e-3) and groups["table"]["weight_decay"] == 0
+    assert groups["matrix"]["weight_decay"] == 0.1 and groups["norm"]["weight_decay"] == 0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_schedules_warm_up_then_end_where_they_should(schedule):
+    cfg = TrainConfig(seq_len=32, steps=100, warmup_steps=10, schedule=schedule,
+                      min_lr_ratio=0.1, decay_fraction=0.2)  # fmt: skip
+    factors = [lr_factor(s, cfg) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(factors[:10], factors[1:10], strict=False))
+    end = {"cosine": 0.1, "wsd": 0.1, "constant": 1.0}[schedule]
+    assert factors[-1] == pytest.approx(end)
+    if schedule == "wsd":
+        assert factors[10:80] == [1.0] * 70 and factors[80] < 1.0
+    if schedule == "cosine":
+        assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+
+
+def test_eval_and_sample_commands(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_run_config(tiny_data, steps=8), run, progress=False, log=lambda m: None)
+    assert main(["eval", "--run", str(run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) >= {"loss", "ppl", "bpb", "tokens"}
+    assert report["ppl"] == pytest.approx(math.exp(report["loss"]))
+    text = tmp_path / "t.txt"
+    text.write_text("the king went to the sea and said what the fool had said " * 20)
+    assert main(["eval", "--run", str(run), "--text", str(text), "--json"]) == 0
+    on_text = json.loads(capsys.readouterr().out)
+    assert on_text["tokens"] > 50 and on_text["bpb"] > 0
+
+    argv = ["sample", "--run", str(run), "--prompt", "the king", "--max-tokens", "12",
+            "--seed", "3"]  # fmt: skip
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first and first.startswith("the king")
+
+
+def test_bad_inputs_get_one_line_errors(tiny_data, tmp_path, capsys):
+    cases = [
+        (["train", "--preset", "tiny", "--data", str(tiny_data), "--set", "vocab_size=100",
+          "--set", "seq_len=32", "--out", str(tmp_path / "r1")], "vocab"),
+        (["train", "--preset", "tiny", "--data", str(tmp_path / "nowhere"), "--out",
+          str(tmp_path / "r2")], "manifest"),
+        (["train", "--out", str(tmp_path / "r3"), "--resume"], "no run"),
+        (["eval", "--run", str(tmp_path / "r3")], "not a training run"),
+        (["sample", "--run", str(tmp_path / "r3"), "--prompt", "x"], "not a training run"),
+        (["train", "--preset", "tiny", "--data", str(tiny_data), "--set", "seq_len=4096",
+          "--out", str(tmp_path / "r4")], "seq_len"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main([*argv, "--no-progress"] if argv[0] == "train" else argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
