@@ -349,6 +349,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- jtok sweep -------------------------------------------------------------------------
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from jtok.sweep import describe, parse_shard, run_sweep
+
+    runs = run_sweep(args.spec, args.out, shard=parse_shard(args.shard), dry_run=args.dry_run,
+                     progress=not args.no_progress,
+                     log=lambda msg: print(msg, file=sys.stderr))  # fmt: skip
+    if args.dry_run:
+        print(describe(runs))
+    else:
+        print(f"{len(runs)} runs done; results in {args.out / 'results.jsonl'}")
+    return 0
+
+
 # ---- entry point ------------------------------------------------------------------------
 
 
@@ -439,6 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(handler=cmd_train)
 
+    sw = sub.add_parser(
+        "sweep",
+        help="run a grid of trainings for scaling-law / isoFLOP studies (resumable)",
+        description="Run every training of a sweep spec (YAML/JSON: base config, axes, "
+        "budget in tokens or FLOPs; see jtok/sweep.py) into OUT/runs/, appending one line "
+        "per finished run to OUT/results.jsonl for `jtok fit`. Re-running skips finished "
+        "runs and resumes interrupted ones.",
+    )
+    sw.add_argument("spec", type=Path, help="sweep spec (YAML or JSON)")
+    sw.add_argument("--out", type=Path, required=True, help="sweep directory")
+    sw.add_argument("--shard", help="I/N: run only every N-th run starting at I (0-based)")
+    sw.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    sw.add_argument("--no-progress", action="store_true")
+    sw.set_defaults(handler=cmd_sweep)
+
     de = sub.add_parser(
         "demo",
         help="train baseline, JTok and JTok-M side by side (about 10 minutes on CPU)",
@@ -480,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from jtok.checkpoint import CheckpointError
     from jtok.data import DataError
+    from jtok.sweep import SweepError
     from jtok.train import TrainingError
 
     parser = build_parser()
@@ -487,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     args.preset_given = getattr(args, "preset", None) is not None
     try:
         return args.handler(args)
-    except (UsageError, ConfigError, DataError, CheckpointError, TrainingError) as err:
+    except (UsageError, ConfigError, DataError, CheckpointError, TrainingError,
+            SweepError) as err:  # fmt: skip
         print(f"jtok {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -366,6 +366,11 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
             f"expected an integer, got {value!r}",
         )
     elif hint is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
         _require(
             isinstance(value, int | float) and not isinstance(value, bool),
             path,

@@ -236,3 +236,26 @@ def test_bad_inputs_get_one_line_errors(tiny_data, tmp_path, capsys):
         assert main([*argv, "--no-progress"] if argv[0] == "train" else argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_refuses_data_tokenized_differently_from_the_checkpoint(tiny_data, tmp_path,
+                                                                      capsys):  # fmt: skip
+    from jtok.data import prepare
+
+    run = tmp_path / "run"
+    train(tiny_run_config(tiny_data, steps=2, save_every=2), run, progress=False,
+          log=lambda m: None)  # fmt: skip
+    other = tmp_path / "other"
+    (tmp_path / "other.txt").write_text("completely different words here\n\n" * 200)
+    prepare([str(tmp_path / "other.txt")], other, vocab_size=290, progress=False,
+            log=lambda m: None)  # fmt: skip
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["data"] = str(other)
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["eval", "--run", str(run)]) == 2
+    assert "tokenizer" in capsys.readouterr().err
+    # Resuming on that data is refused too, before the run directory is touched.
+    tokenizer_before = (run / "tokenizer.json").read_bytes()
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
+    assert "tokenizer" in capsys.readouterr().err
+    assert (run / "tokenizer.json").read_bytes() == tokenizer_before

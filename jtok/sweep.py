@@ -1,0 +1,258 @@
+"""`jtok sweep`: a grid of training runs for scaling-law and isoFLOP studies.
+
+A spec (YAML or JSON) names a base run config, any number of axes, and a budget:
+
+    name: isoflops-dense
+    base:
+      preset: small                 # or model: {...}; either may be combined
+      model: {tokmod: {n_e: 5, top_k: 2}}
+      train: {data: data/docs, seq_len: 128, batch_size: 16, lr: 3e-3}
+    axes:                           # the grid is their cartesian product
+      variant: {baseline: {}, jtokm: {model.tokmod.kind: jtokm}}
+      backbone:
+        d96-L3: {model.d_model: 96, model.n_layers: 3}
+        d128-L4: {model.d_model: 128, model.n_layers: 4}
+    budget: {flops: [1e14, 3e14]}   # or {tokens: [...]}; steps follow from the budget
+    warmup_fraction: 0.05           # optional: warmup as a share of each run's steps
+    evals_per_run: 4                # optional: validation points on each run's curve
+
+Each run trains through the normal trainer into OUT/runs/<name>/ and, when finished,
+appends one line to OUT/results.jsonl (the input of `jtok fit`) with its config, N_c,
+N_n, eta, rho, tokens D, training FLOPs C, final and best validation loss, and curve.
+Re-running skips finished runs and resumes interrupted ones from their checkpoints.
+Runs are independent: `--shard i/n` lets n processes split one grid.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jtok.checkpoint import latest_checkpoint, write_json_atomic
+from jtok.config import ConfigError, ModelConfig, RunConfig, TrainConfig, preset
+from jtok.flops import count_flops, summarize
+from jtok.train import read_metrics, train
+
+RESULTS_FILE = "results.jsonl"
+SPEC_KEYS = {"name", "base", "axes", "budget", "warmup_fraction", "evals_per_run"}
+
+
+class SweepError(Exception):
+    """A sweep spec is invalid; the message names the part."""
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    name: str
+    labels: dict[str, str]  # axis -> value name
+    budget_kind: str  # "flops" or "tokens"
+    budget: float
+    config: RunConfig
+
+    @property
+    def tokens(self) -> int:
+        t = self.config.train
+        return t.steps * t.batch_size * t.seq_len
+
+    @property
+    def flops(self) -> float:
+        return count_flops(self.config.model, self.config.train.seq_len).train * self.tokens
+
+
+def load_spec(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise SweepError(f"cannot read sweep spec {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise SweepError(f"sweep spec {path} is not valid YAML/JSON: {err}") from None
+    if not isinstance(spec, dict):
+        raise SweepError(f"sweep spec {path} must hold a mapping")
+    return spec
+
+
+def _base_config(base: dict[str, Any]) -> RunConfig:
+    if not isinstance(base, dict):
+        raise SweepError("sweep spec: base must be a mapping")
+    model = preset(base["preset"]) if "preset" in base else ModelConfig()
+    model_dict = _deep_merge(model.to_dict(), base.get("model", {}))
+    train_dict = _deep_merge(TrainConfig(seq_len=model.max_seq_len).to_dict(),
+                             base.get("train", {}))  # fmt: skip
+    try:
+        return RunConfig.from_dict({"model": model_dict, "train": train_dict})
+    except ConfigError as err:
+        raise SweepError(f"sweep spec base: {err}") from None
+
+
+def _deep_merge(into: dict, update: dict) -> dict:
+    out = dict(into)
+    for key, value in update.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value  # fmt: skip
+    return out
+
+
+def plan(spec: dict[str, Any]) -> list[PlannedRun]:
+    """Every run of the grid, in a fixed order, with its resolved config."""
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    if unknown:
+        raise SweepError(f"sweep spec: unknown key {unknown[0]!r} (known: {sorted(SPEC_KEYS)})")
+    base = _base_config(spec.get("base", {}))
+    axes: dict[str, dict[str, dict]] = spec.get("axes") or {}
+    budget = spec.get("budget") or {}
+    if len(budget) != 1 or next(iter(budget)) not in ("flops", "tokens"):
+        raise SweepError("sweep spec: budget must be {flops: [...]} or {tokens: [...]}")
+    kind, values = next(iter(budget.items()))
+    try:  # YAML reads 1e14 (no dot) as a string
+        values = [float(v) for v in values] if isinstance(values, list) else []
+    except (TypeError, ValueError):
+        values = []
+    if not values or min(values) <= 0:
+        raise SweepError(f"sweep spec: budget.{kind} must be a list of positive numbers")
+    for axis, options in axes.items():
+        if not isinstance(options, dict) or not options:
+            raise SweepError(f"sweep spec: axis {axis!r} must map value names to overrides")
+    warmup_fraction = spec.get("warmup_fraction")
+    evals = int(spec.get("evals_per_run", 4))
+    runs = []
+    for combo in itertools.product(*[list(opts.items()) for opts in axes.values()]):
+        overrides: dict[str, Any] = {}
+        labels = {}
+        for axis, (value_name, value_overrides) in zip(axes, combo, strict=True):
+            labels[axis] = str(value_name)
+            overrides.update(value_overrides or {})
+        try:
+            cfg = base.with_overrides(overrides)
+        except ConfigError as err:
+            raise SweepError(f"sweep spec axes {labels}: {err}") from None
+        for amount in values:
+            tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+            if kind == "flops":
+                tokens = amount / count_flops(cfg.model, cfg.train.seq_len).train
+            else:
+                tokens = amount
+            steps = max(1, round(tokens / tokens_per_step))
+            train_overrides = {"train.steps": steps,
+                               "train.eval_every": max(1, steps // max(1, evals)),
+                               "train.save_every": max(1, steps // max(1, evals))}  # fmt: skip
+            if warmup_fraction is not None:
+                train_overrides["train.warmup_steps"] = round(warmup_fraction * steps)
+            run_cfg = cfg.with_overrides(train_overrides)
+            label = f"{'C' if kind == 'flops' else 'D'}{amount:.3g}"
+            name = "__".join([*labels.values(), label]).replace("/", "-")
+            runs.append(PlannedRun(name, labels, kind, float(amount), run_cfg))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise SweepError("sweep spec: two runs get the same name (repeated axis value names)")
+    return runs
+
+
+def finished_names(out: Path) -> set[str]:
+    path = Path(out) / RESULTS_FILE
+    if not path.is_file():
+        return set()
+    names = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            names.add(json.loads(line)["name"])
+    return names
+
+
+def result_record(run: PlannedRun, run_dir: Path) -> dict[str, Any]:
+    metrics = read_metrics(run_dir)
+    val = [r for r in metrics if "val_loss" in r]
+    if not val:
+        raise SweepError(f"run {run.name} finished without a validation loss")
+    info = summarize(run.config.model, run.config.train.seq_len)
+    per_step = run.config.train.batch_size * run.config.train.seq_len
+    return {
+        "name": run.name,
+        "variant": run.labels.get("variant", run.config.model.tokmod.kind),
+        "backbone": run.labels.get("backbone", f"d{run.config.model.d_model}-"
+                                               f"L{run.config.model.n_layers}"),
+        "labels": run.labels,
+        "budget": run.budget if run.budget_kind == "flops" else None,
+        "budget_kind": run.budget_kind,
+        "N_c": info["active_backbone_params"],
+        "N_c_total": info["backbone_params"],
+        "N_n": info["token_params"],
+        "eta": info["eta"],
+        "rho": info["rho"],
+        "tokens": run.tokens,
+        "flops": run.flops,
+        "final_val_loss": val[-1]["val_loss"],
+        "best_val_loss": min(r["val_loss"] for r in val),
+        "curve": [[r["step"], r["step"] * per_step, r["val_loss"]] for r in val],
+        "config": run.config.to_dict(),
+    }
+
+
+def append_result(out: Path, record: dict[str, Any]) -> None:
+    """Append one line under an exclusive lock (several shards may share the file)."""
+    with open(Path(out) / RESULTS_FILE, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SweepError(f"--shard expects I/N, got {text!r}") from None
+    if not 0 <= index < count:
+        raise SweepError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
+def run_sweep(
+    spec_path: Path, out: Path, shard: tuple[int, int] = (0, 1), dry_run: bool = False,
+    progress: bool = True, log=print,
+) -> list[PlannedRun]:  # fmt: skip
+    spec = load_spec(spec_path)
+    runs = plan(spec)
+    out = Path(out)
+    index, count = shard
+    mine = [r for i, r in enumerate(runs) if i % count == index]
+    if dry_run:
+        return mine
+    out.mkdir(parents=True, exist_ok=True)
+    spec_copy = out / "spec.json"
+    if not spec_copy.exists():
+        write_json_atomic(spec_copy, spec)
+    done = finished_names(out)
+    for i, run in enumerate(mine):
+        if run.name in done:
+            continue
+        run_dir = out / "runs" / run.name
+        resume = latest_checkpoint(run_dir) is not None
+        log(f"[{i + 1}/{len(mine)}] {run.name}: {run.config.train.steps} steps, "
+            f"{run.tokens:.3g} tokens, {run.flops:.3g} FLOPs" + (" (resuming)" if resume else ""))
+        train(run.config, run_dir, resume=resume, overwrite=not resume, progress=progress,
+              log=log)  # fmt: skip
+        append_result(out, result_record(run, run_dir))
+    return mine
+
+
+def describe(runs: list[PlannedRun]) -> str:
+    lines = [f"{'run':<44}{'N_c':>11}{'N_n':>12}{'steps':>8}{'tokens':>10}{'FLOPs':>10}"]
+    for r in runs:
+        info = summarize(r.config.model, r.config.train.seq_len)
+        lines.append(
+            f"{r.name:<44}{info['active_backbone_params']:>11,}{info['token_params']:>12,}"
+            f"{r.config.train.steps:>8}{r.tokens:>10.3g}{r.flops:>10.3g}"
+        )
+    total = sum(r.flops for r in runs)
+    lines.append(f"{len(runs)} runs, {total:.3g} training FLOPs in all"
+                 + (f" (~{math.log10(total):.1f} in log10)" if total > 0 else ""))  # fmt: skip
+    return "\n".join(lines)

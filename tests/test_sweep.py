@@ -1,0 +1,107 @@
+import json
+
+import pytest
+
+from jtok.cli import main
+from jtok.flops import count_flops
+from jtok.sweep import SweepError, finished_names, plan, run_sweep
+
+
+def spec_dict(data_dir, budget=None):
+    return {
+        "name": "test",
+        "base": {
+            "preset": "tiny",
+            "model": {"vocab_size": 320, "tokmod": {"n_e": 3, "top_k": 1}},
+            "train": {"data": str(data_dir), "seq_len": 32, "batch_size": 4, "lr": "3e-3",
+                      "eval_tokens": 512, "log_every": 1},
+        },
+        "axes": {
+            "variant": {"baseline": {}, "jtokm": {"model.tokmod.kind": "jtokm"}},
+            "backbone": {"d32": {"model.d_model": 32, "model.n_heads": 2},
+                         "d64": {}},
+        },
+        "budget": budget or {"tokens": [256, 512]},
+        "warmup_fraction": 0.25,
+        "evals_per_run": 2,
+    }  # fmt: skip
+
+
+def write_spec(tmp_path, spec):
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    return path
+
+
+def test_plan_is_the_cartesian_product_with_steps_from_the_budget(tiny_data):
+    runs = plan(spec_dict(tiny_data, {"flops": ["1e9", 4e9]}))
+    assert len(runs) == 2 * 2 * 2
+    assert len({r.name for r in runs}) == 8
+    for run in runs:
+        per_token = count_flops(run.config.model, 32).train
+        target_tokens = run.budget / per_token
+        assert abs(run.tokens - target_tokens) <= 32 * 4 / 2  # rounded to whole steps
+        assert run.config.train.warmup_steps == round(0.25 * run.config.train.steps)
+        assert run.config.model.tokmod.kind == ("jtokm" if "jtokm" in run.name else "none")
+    small = [r for r in runs if r.labels["backbone"] == "d32"]
+    assert all(r.config.model.d_model == 32 for r in small)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda s: s.update(budget={"time": [1]}), "budget"),
+        (lambda s: s.update(budget={"tokens": []}), "budget.tokens"),
+        (lambda s: s.update(colour=1), "unknown key"),
+        (lambda s: s["axes"]["variant"].update(bad={"model.tokmod.top_k": 9}), "top_k"),
+        (lambda s: s["axes"].update(empty={}), "axis 'empty'"),
+    ],
+)
+def test_invalid_specs_are_rejected_with_the_part_named(tiny_data, mutate, message):
+    spec = spec_dict(tiny_data)
+    mutate(spec)
+    with pytest.raises(SweepError, match=message):
+        plan(spec)
+
+
+def test_sweep_runs_every_run_once_and_resumes(tiny_data, tmp_path):
+    spec = spec_dict(tiny_data)
+    spec["axes"]["backbone"] = {"d64": {}}
+    path = write_spec(tmp_path, spec)
+    out = tmp_path / "sweep"
+    # Two shards, as two processes would run them.
+    first = run_sweep(path, out, shard=(0, 2), progress=False, log=lambda m: None)
+    second = run_sweep(path, out, shard=(1, 2), progress=False, log=lambda m: None)
+    assert len(first) + len(second) == 4
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["name"] for r in lines) == sorted(r.name for r in first + second)
+    for record in lines:
+        for key in ("N_c", "N_n", "eta", "rho", "tokens", "flops", "final_val_loss",
+                    "best_val_loss", "curve", "config", "variant", "backbone"):  # fmt: skip
+            assert key in record
+        assert record["best_val_loss"] <= record["final_val_loss"]
+        assert (record["N_n"] > 0) == (record["variant"] == "jtokm")
+        assert record["tokens"] in (256, 512)
+    # A re-run skips finished runs: nothing new is trained or appended.
+    stamps = {p: p.stat().st_mtime for p in out.glob("runs/*/metrics.jsonl")}
+    run_sweep(path, out, progress=False, log=lambda m: None)
+    assert {p: p.stat().st_mtime for p in out.glob("runs/*/metrics.jsonl")} == stamps
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+
+    # An interrupted run (checkpoint present, no result line) resumes from its checkpoint.
+    name = lines[0]["name"]
+    kept = [x for x in (out / "results.jsonl").read_text().splitlines()
+            if json.loads(x)["name"] != name]  # fmt: skip
+    (out / "results.jsonl").write_text("\n".join(kept) + "\n")
+    run_sweep(path, out, progress=False, log=lambda m: None)
+    assert finished_names(out) == {r["name"] for r in lines}
+
+
+def test_sweep_cli_dry_run_and_errors(tiny_data, tmp_path, capsys):
+    path = write_spec(tmp_path, spec_dict(tiny_data))
+    assert main(["sweep", str(path), "--out", str(tmp_path / "s"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "8 runs" in out and "jtokm__d32__D256" in out
+    assert not (tmp_path / "s").exists()
+    assert main(["sweep", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "s")]) == 2
+    assert main(["sweep", str(path), "--out", str(tmp_path / "s"), "--shard", "3/2"]) == 2
