@@ -1,12 +1,27 @@
-"""jtok: token-indexed parameter scaling (JTok, JTok-M) for PyTorch language models."""
+"""jtok: token-indexed parameter scaling (JTok, JTok-M) for PyTorch language models.
 
-from jtok.config import ConfigError, ModelConfig, MoEConfig, TokModConfig, preset
-from jtok.flops import count_flops, count_params, summarize
-from jtok.model import JTokModel, KVCache, ModelOutput, build_model
+The public names below are imported on first use, so that the command line (and
+`jtok --help`) starts without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError", "JTokModel", "KVCache", "ModelConfig", "ModelOutput", "MoEConfig",
-    "TokModConfig", "build_model", "count_flops", "count_params", "preset", "summarize",
-]  # fmt: skip
+_EXPORTS = {
+    "ConfigError": "jtok.config", "ModelConfig": "jtok.config", "MoEConfig": "jtok.config",
+    "RunConfig": "jtok.config", "TokModConfig": "jtok.config", "TrainConfig": "jtok.config",
+    "preset": "jtok.config", "count_flops": "jtok.flops", "count_params": "jtok.flops",
+    "summarize": "jtok.flops", "JTokModel": "jtok.model", "KVCache": "jtok.model",
+    "ModelOutput": "jtok.model", "build_model": "jtok.model", "train": "jtok.train",
+    "generate": "jtok.generate", "RowAdam": "jtok.optim", "JTokError": "jtok.errors",
+}  # fmt: skip
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'jtok' has no attribute {name!r}")

@@ -21,11 +21,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from jtok.errors import JTokError
+
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(JTokError):
     """A checkpoint is missing, incomplete or does not fit the model."""
 
 

@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 from jtok.config import PRESETS, ConfigError, ModelConfig, preset
+from jtok.errors import JTokError
 
 
-class UsageError(Exception):
+class UsageError(JTokError):
     """A mistake in the command line or its inputs; reported in one line."""
 
 
@@ -470,6 +471,20 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-progress", action="store_true")
     sw.set_defaults(handler=cmd_sweep)
 
+    from jtok.fit import add_fit_arguments, cmd_fit
+
+    fit = sub.add_parser(
+        "fit",
+        help="fit scaling laws and isoFLOP frontiers to a sweep's results",
+        description="Fit, from DIR/results.jsonl (written by `jtok sweep`): the log-linear "
+        "law of loss in eta at a fixed backbone; isoFLOP minima, frontiers and the compute "
+        "saving / loss gap between two variants with bootstrap CIs; the parametric law "
+        "L(N, D) = E + A/N^alpha + B/D^beta with and without N_eff = N_c (1 + eta gamma). "
+        "Writes DIR/fit.json, DIR/REPORT_fit.md and PNG plots.",
+    )
+    add_fit_arguments(fit)
+    fit.set_defaults(handler=cmd_fit)
+
     de = sub.add_parser(
         "demo",
         help="train baseline, JTok and JTok-M side by side (about 10 minutes on CPU)",
@@ -509,18 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jtok.checkpoint import CheckpointError
-    from jtok.data import DataError
-    from jtok.sweep import SweepError
-    from jtok.train import TrainingError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     args.preset_given = getattr(args, "preset", None) is not None
     try:
         return args.handler(args)
-    except (UsageError, ConfigError, DataError, CheckpointError, TrainingError,
-            SweepError) as err:  # fmt: skip
+    except JTokError as err:
         print(f"jtok {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

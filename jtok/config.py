@@ -15,8 +15,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from jtok.errors import JTokError
 
-class ConfigError(ValueError):
+
+class ConfigError(JTokError, ValueError):
     """A configuration value or key is invalid. The message names the field."""
 
 

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from jtok.errors import JTokError
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
@@ -59,7 +61,7 @@ _EOT_CANDIDATES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
 _MANIFEST_KEYS = ("tokenizer", "tokenizer_sha256", "vocab_size", "eot_id", "dtype", "splits")
 
 
-class DataError(Exception):
+class DataError(JTokError):
     """A mistake in the data or how it was asked for; the message alone says what to fix."""
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from jtok.checkpoint import latest_checkpoint, write_json_atomic
 from jtok.config import ConfigError, ModelConfig, RunConfig, TrainConfig, preset
+from jtok.errors import JTokError
 from jtok.flops import count_flops, summarize
 from jtok.train import read_metrics, train
 
@@ -42,7 +43,7 @@ RESULTS_FILE = "results.jsonl"
 SPEC_KEYS = {"name", "base", "axes", "budget", "warmup_fraction", "evals_per_run"}
 
 
-class SweepError(Exception):
+class SweepError(JTokError):
     """A sweep spec is invalid; the message names the part."""
 
 

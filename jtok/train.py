@@ -32,6 +32,7 @@ from jtok.distributed import (
     init_distributed,
 )
 from jtok.distributed import shutdown as shutdown_distributed
+from jtok.errors import JTokError
 from jtok.ffn import MoE, update_balance_bias
 from jtok.model import build_model
 from jtok.optim import Optimizers, lr_factor
@@ -41,7 +42,7 @@ METRICS_FILE = "metrics.jsonl"
 TOKENIZER_FILE = "tokenizer.json"
 
 
-class TrainingError(Exception):
+class TrainingError(JTokError):
     """A run cannot start or cannot go on (bad run directory, diverged loss, ...)."""
 
 

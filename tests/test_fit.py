@@ -1,0 +1,309 @@
+"""`jtok fit`: each fit recovers known parameters from synthetic data drawn from its law."""
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy.optimize import brentq, minimize_scalar
+
+from jtok.fit import (
+    RESULTS_FILE,
+    FitError,
+    LineFit,
+    add_fit_arguments,
+    cmd_fit,
+    compute_saving,
+    eta_laws,
+    fit_eta_law,
+    fit_frontier,
+    fit_parametric,
+    isoflop_analysis,
+    isoflop_minimum,
+    load_results,
+    loss_gap,
+    paper_frontier_check,
+    run_fit,
+)
+
+# Hoffmann et al.'s Chinchilla fit, a realistic scale for the generator.
+TRUE = {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28}
+ETA, GAMMA = 2.0, 0.25  # treatment: N_eff = N_c (1 + eta gamma) = 1.5 N_c
+BUDGETS = (1e17, 1e18, 1e19)
+
+
+def chinchilla(n_c, tokens, eta=0.0, gamma=GAMMA):
+    n_eff = np.asarray(n_c, float) * (1 + np.asarray(eta, float) * gamma)
+    return TRUE["E"] + TRUE["A"] * n_eff ** -TRUE["alpha"] + TRUE["B"] * np.asarray(
+        tokens, float) ** -TRUE["beta"]  # fmt: skip
+
+
+def true_optimum(compute, eta=0.0):
+    """(N_opt, L_opt) of the generator at compute C = 6 N_c D, by a 1-D minimisation."""
+    res = minimize_scalar(lambda x: chinchilla(10**x, compute / (6 * 10**x), eta),
+                          bounds=(4, 14), method="bounded", options={"xatol": 1e-9})  # fmt: skip
+    return 10**res.x, float(res.fun)
+
+
+def isoflop_runs(noise=0.002, seed=0, sizes=5):
+    """baseline and treatment at each budget; the same backbones for both, spread over
+    +-0.6 decades around the baseline's optimum (slightly off-centre, as a real grid is)."""
+    rng = np.random.default_rng(seed)
+    runs = []
+    for budget in BUDGETS:
+        centre = true_optimum(budget)[0] * 10**0.05
+        for n_c in centre * np.logspace(-0.6, 0.6, sizes):
+            for variant, eta in (("baseline", 0.0), ("jtokm", ETA)):
+                tokens = budget / (6 * n_c)
+                loss = float(chinchilla(n_c, tokens, eta) * math.exp(rng.normal(0, noise)))
+                runs.append({"name": f"{variant}-{n_c:.3g}-{budget:.0e}", "variant": variant,
+                             "backbone": f"{n_c:.3g}", "budget": budget, "N_c": int(n_c),
+                             "N_c_total": int(n_c), "N_n": int(eta * n_c), "eta": eta,
+                             "rho": 0.4 if eta else 0.0, "tokens": int(tokens),
+                             "flops": 6 * int(n_c) * int(tokens), "final_val_loss": loss,
+                             "best_val_loss": loss, "curve": [[10, int(tokens), loss]],
+                             "config": {}})  # fmt: skip
+    return runs
+
+
+def eta_sweep_runs(slope=-0.0118, noise=0.001, seed=0):
+    """One backbone at one token count: a baseline and JTok-M at eta 4..128."""
+    rng = np.random.default_rng(seed)
+    runs = []
+    for eta in (0.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0):
+        loss = 3.30 if eta == 0 else 3.25 + slope * math.log2(eta) + rng.normal(0, noise)
+        runs.append({"name": f"eta{eta:g}", "variant": "jtokm" if eta else "baseline",
+                     "backbone": "d128-L4", "budget": None, "N_c": 10**7, "N_c_total": 10**7,
+                     "N_n": int(eta * 10**7), "eta": eta, "rho": 0.4, "tokens": 2 * 10**8,
+                     "flops": 1.2e16, "final_val_loss": loss, "best_val_loss": loss,
+                     "curve": [], "config": {}, "labels": {"eta": str(eta)}})  # fmt: skip
+    return runs
+
+
+def write_results(directory, runs, extra_lines=()):
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r) for r in runs] + list(extra_lines)
+    (directory / RESULTS_FILE).write_text("\n".join(lines) + "\n")
+    return directory
+
+
+# ---- (1) eta law -------------------------------------------------------------------------
+
+
+def test_eta_law_recovers_slope_per_doubling_and_r2():
+    runs = [r for r in eta_sweep_runs() if r["eta"] > 0]
+    eta = [r["eta"] for r in runs]
+    fit = fit_eta_law(eta, [r["final_val_loss"] for r in runs], [r["N_n"] for r in runs])
+    assert fit.slope == pytest.approx(-0.0118, abs=0.0015)
+    assert abs(fit.slope + 0.0118) < 3 * fit.slope_se
+    assert fit.r2 > 0.98 and fit.n == 6
+    # Against log2 N_n at one backbone: same slope, intercept shifted by slope * log2 N_c.
+    assert fit.nn_slope == pytest.approx(fit.slope)
+    assert fit.nn_intercept == pytest.approx(fit.intercept - fit.slope * math.log2(10**7))
+    exact = fit_eta_law([1, 2, 4], [3.0, 2.9, 2.8])
+    assert exact.slope == pytest.approx(-0.1) and exact.r2 == pytest.approx(1.0)
+
+
+def test_eta_laws_fit_each_backbone_with_its_baseline_and_skip_two_point_groups():
+    runs = eta_sweep_runs()
+    other = [dict(r, backbone="d64-L2", final_val_loss=r["final_val_loss"] + 0.4)
+             for r in runs if r["eta"] in (0.0, 4.0, 8.0)]  # only 2 eta > 0: no law
+    laws = eta_laws(runs + other, baseline="baseline")
+    assert [(f["variant"], f["backbone"], f["n"]) for f in laws] == [("jtokm", "d128-L4", 6)]
+    assert laws[0]["baseline_loss"] == pytest.approx(3.30)
+    assert laws[0]["relative_gain_at_max_eta"] == pytest.approx(
+        1 - laws[0]["losses"][-1] / 3.30)
+
+
+# ---- (2) isoFLOPs ------------------------------------------------------------------------
+
+
+def test_isoflop_minimum_is_the_parabola_vertex_or_flagged_best_point():
+    x = np.array([6.5, 7.0, 7.5, 8.0, 8.5])
+    m = isoflop_minimum(10**x, 2.0 + 0.3 * (x - 7.6) ** 2)
+    assert m.in_range and math.log10(m.n_opt) == pytest.approx(7.6) and m.loss_opt == (
+        pytest.approx(2.0))  # fmt: skip
+    down = isoflop_minimum(10**x, 2.0 - 0.3 * (x - 7.6) ** 2)
+    assert not down.in_range and "downward" in down.reason
+    assert down.n_opt == pytest.approx(10**6.5)  # the best observed point
+    outside = isoflop_minimum(10**x, 2.0 + 0.3 * (x - 9.5) ** 2)
+    assert not outside.in_range and "outside" in outside.reason
+    assert outside.n_opt == pytest.approx(10**8.5)
+    with pytest.raises(FitError, match="3 backbone sizes"):
+        isoflop_minimum([1e7, 1e7, 1e8], [2.0, 2.1, 2.2])
+
+
+def test_isoflop_minima_and_frontier_slope_recover_the_compute_optimal_truth():
+    section, notes = isoflop_analysis(isoflop_runs(), "baseline", bootstrap=0)
+    assert notes == []
+    for m in section["minima"]:
+        n_true, l_true = true_optimum(m["budget"], ETA if m["variant"] == "jtokm" else 0.0)
+        assert m["in_range"]
+        assert abs(math.log10(m["N_opt"] / n_true)) < 0.06  # within 15%
+        assert m["L_opt"] == pytest.approx(l_true, rel=0.004)
+    true_line = fit_frontier(BUDGETS, [true_optimum(c)[1] for c in BUDGETS])
+    fitted = section["frontiers"]["baseline"]
+    assert fitted["slope"] == pytest.approx(true_line.slope, abs=0.01)
+    assert fitted["r2"] > 0.98
+    # Chinchilla: N_opt grows as C^(beta / (alpha + beta)).
+    assert fitted["n_opt_exponent"] == pytest.approx(0.28 / 0.62, abs=0.05)
+
+
+def test_treatment_compute_saving_and_loss_gap_match_the_truth_within_the_bootstrap_ci():
+    section, _ = isoflop_analysis(isoflop_runs(), "baseline", bootstrap=200, seed=0)
+    comp = section["comparisons"]["jtokm"]
+    loss_mid, compute_mid = comp["points"]["loss"][1], comp["points"]["compute"][1]
+
+    # Ground truth from the generator's own frontier: compute each variant needs for L_mid.
+    def compute_for(loss, eta):
+        return 10 ** brentq(lambda x: true_optimum(10**x, eta)[1] - loss, 14, 24, xtol=1e-10)
+
+    truth = 1 - compute_for(loss_mid, ETA) / compute_for(loss_mid, 0.0)
+    # METHOD.md: with N only through N_eff, compute shrinks by 1 / (1 + eta gamma).
+    assert truth == pytest.approx(1 - 1 / (1 + ETA * GAMMA), abs=1e-6)
+    saving, (lo, hi) = comp["compute_saving"][1], comp["compute_saving_ci"][1]
+    assert saving == pytest.approx(truth, abs=0.03)
+    assert lo <= truth <= hi and hi - lo < 0.15
+    gap_truth = 1 - true_optimum(compute_mid, ETA)[1] / true_optimum(compute_mid)[1]
+    gap, (lo, hi) = comp["loss_gap"][1], comp["loss_gap_ci"][1]
+    assert gap == pytest.approx(gap_truth, abs=0.003)
+    assert lo <= gap_truth <= hi
+    slope_lo, slope_hi = section["frontiers"]["baseline"]["slope_ci"]
+    assert slope_lo <= section["frontiers"]["baseline"]["slope"] <= slope_hi
+
+
+def test_bootstrap_is_reproducible_from_its_seed():
+    runs = isoflop_runs(seed=1)
+    first = isoflop_analysis(runs, "baseline", bootstrap=40, seed=3)[0]["bootstrap"]
+    again = isoflop_analysis(runs, "baseline", bootstrap=40, seed=3)[0]["bootstrap"]
+    other = isoflop_analysis(runs, "baseline", bootstrap=40, seed=4)[0]["bootstrap"]
+    assert first == again
+    assert first["comparison_ci"] != other["comparison_ci"]
+
+
+def test_paper_frontier_lines_give_about_31_percent_saving_and_2_2_percent_gap():
+    check = paper_frontier_check()
+    saving_lo, saving_mid, saving_hi = check["compute_saving"]
+    assert 0.29 < saving_mid < 0.32  # not the 35% the paper states
+    assert 0.29 < min(saving_lo, saving_hi) and max(saving_lo, saving_hi) < 0.32
+    assert check["loss_gap"][1] == pytest.approx(0.022, abs=0.001)
+    # By hand at log2 L = 1.2 (inside the range): C = 10^((log2 L - k) / m) for each line.
+    by_hand = 1 - 10 ** ((1.2 - 5.0881) / -0.2009 - (1.2 - 5.1334) / -0.2016)
+    base, treat = LineFit(-0.2016, 5.1334, 0.9994, 2, math.nan), LineFit(-0.2009, 5.0881,
+                                                                         0.9991, 2, math.nan)
+    assert compute_saving(base, treat, 2**1.2) == pytest.approx(by_hand)
+    assert by_hand == pytest.approx(0.305, abs=0.005)
+
+
+def test_loss_gap_of_parallel_frontiers_is_the_intercept_shift():
+    base = fit_frontier([1e18, 1e19, 1e20], [3.0, 3.0 * 2**-0.2, 3.0 * 2**-0.4])
+    treat = fit_frontier([1e18, 1e19, 1e20], [2.9, 2.9 * 2**-0.2, 2.9 * 2**-0.4])
+    assert loss_gap(base, treat, 3e19) == pytest.approx(1 - 2.9 / 3.0)
+    assert compute_saving(base, treat, 2.8) == pytest.approx(1 - 10 ** (math.log2(2.9 / 3.0)
+                                                                        / 0.2))  # fmt: skip
+
+
+# ---- (3) parametric law ------------------------------------------------------------------
+
+
+def parametric_grid():
+    n, d = np.meshgrid(np.logspace(6, 9.5, 6), np.logspace(8, 11.5, 6))
+    return n.ravel(), d.ravel()
+
+
+def test_parametric_fit_recovers_E_alpha_beta_from_noisy_data():
+    n, d = parametric_grid()
+    rng = np.random.default_rng(0)
+    loss = chinchilla(n, d) * np.exp(rng.normal(0, 0.003, n.size))
+    fit = fit_parametric(n, d, loss)
+    assert fit.gamma is None
+    assert fit.E == pytest.approx(TRUE["E"], abs=0.03)
+    assert fit.alpha == pytest.approx(TRUE["alpha"], abs=0.01)
+    assert fit.beta == pytest.approx(TRUE["beta"], abs=0.01)
+    assert fit.rmse_log < 0.004  # about the noise level
+    assert np.allclose(fit.predict(n, d), chinchilla(n, d), rtol=0.005)
+
+
+def test_effective_parameter_fit_recovers_gamma_and_lowers_the_objective():
+    n, d = parametric_grid()
+    eta = np.repeat([0.0, 2.0, 6.0], n.size)
+    n, d = np.tile(n, 3), np.tile(d, 3)
+    rng = np.random.default_rng(1)
+    loss = chinchilla(n, d, eta, gamma=0.3) * np.exp(rng.normal(0, 0.003, n.size))
+    plain = fit_parametric(n, d, loss)
+    effective = fit_parametric(n, d, loss, eta, init=plain)
+    assert effective.gamma == pytest.approx(0.3, abs=0.015)
+    assert effective.E == pytest.approx(TRUE["E"], abs=0.03)
+    assert effective.alpha == pytest.approx(TRUE["alpha"], abs=0.01)
+    assert effective.beta == pytest.approx(TRUE["beta"], abs=0.01)
+    assert effective.objective < 0.2 * plain.objective
+    with pytest.raises(FitError, match="more than 6 runs"):
+        fit_parametric(n[:6], d[:6], loss[:6], eta[:6])
+
+
+# ---- (5) inputs, run_fit, command line ---------------------------------------------------
+
+
+def test_load_results_names_the_file_and_line_of_a_missing_field(tmp_path):
+    runs = eta_sweep_runs()
+    broken = dict(runs[1])
+    del broken["tokens"]
+    write_results(tmp_path, [runs[0], broken])
+    with pytest.raises(FitError, match=r"results\.jsonl:2: missing field 'tokens'"):
+        load_results(tmp_path)
+    write_results(tmp_path, [dict(runs[0], N_c="ten million")])
+    with pytest.raises(FitError, match=r":1: field 'N_c' must be a number"):
+        load_results(tmp_path)
+
+
+def test_load_results_reports_a_bad_json_line(tmp_path):
+    write_results(tmp_path, eta_sweep_runs()[:2], extra_lines=['{"name": "cut off'])
+    with pytest.raises(FitError, match=r"results\.jsonl:3: not valid JSON"):
+        load_results(tmp_path / RESULTS_FILE)
+
+
+def test_load_results_ignores_unknown_fields_and_blank_lines(tmp_path):
+    write_results(tmp_path, eta_sweep_runs()[:2], extra_lines=[""])
+    runs = load_results(tmp_path)
+    assert len(runs) == 2 and "labels" not in runs[0]
+    assert runs[0]["budget"] is None and isinstance(runs[0]["eta"], float)
+
+
+def test_run_fit_end_to_end_writes_json_report_and_figures(tmp_path):
+    sweep = write_results(tmp_path / "sweep", isoflop_runs() + eta_sweep_runs())
+    result = run_fit(sweep, bootstrap=30, seed=0)
+    on_disk = json.loads((sweep / "fit.json").read_text())
+    assert on_disk == result
+    assert result["eta_law"][0]["slope"] == pytest.approx(-0.0118, abs=0.0015)
+    assert result["isoflops"]["comparisons"]["jtokm"]["compute_saving_ci"]
+    assert result["parametric"]["effective"]["gamma"] is not None
+    report = (sweep / "REPORT_fit.md").read_text()
+    assert "compute saving at equal loss" in report and "95% CI" in report
+    for name in ("fit_eta.png", "fit_isoflops.png", "fit_frontier.png", "fit_parametric.png"):
+        assert (sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert name in result["files"]
+
+
+def test_run_fit_skips_what_the_data_cannot_support_and_fails_on_nothing(tmp_path):
+    sweep = write_results(tmp_path / "eta-only", eta_sweep_runs())
+    result = run_fit(sweep, plots=False)
+    assert result["isoflops"] is None and result["parametric"] is None
+    assert any("no run has a FLOP budget" in note for note in result["notes"])
+    assert not (sweep / "fit_eta.png").exists()
+    with pytest.raises(FitError, match="no such directory"):
+        run_fit(tmp_path / "absent")
+    tiny = write_results(tmp_path / "tiny", eta_sweep_runs()[:3])
+    with pytest.raises(FitError, match="too few runs for any fit"):
+        run_fit(tiny)
+
+
+def test_cmd_fit_json_prints_one_parseable_object(tmp_path, capsys):
+    sweep = write_results(tmp_path / "sweep", isoflop_runs() + eta_sweep_runs())
+    parser = argparse.ArgumentParser()
+    add_fit_arguments(parser)
+    args = parser.parse_args([str(sweep), "--json", "--no-plots", "--bootstrap", "0"])
+    assert cmd_fit(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((sweep / "fit.json").read_text())
+    assert printed["treatment"] == "jtokm" and printed["files"] == ["fit.json", "REPORT_fit.md"]
