@@ -139,6 +139,10 @@ class TokModConfig:
     # step; s = 1 starts with a gentle modulation of about 1/sqrt(d) per element.
     scale_init: float = 1.0
     router_init_std: float = 0.02  # JTok-M router R_l ~ N(0, std^2)
+    # Ablation switches (METHOD.md calls both essential): False drops the L2 projection
+    # of Eq 7 / Eq 12, or JTok-M's 1/sqrt(2 N_l) factor of Eq 13.
+    l2_normalize: bool = True
+    depth_scaling: bool = True
     dedup: bool = True  # gather each distinct token id of a batch once, then expand
     # Sparse (row-wise) table gradients, for jtok.optim.RowAdam: a batch touches a few
     # hundred rows of a table that can dwarf the backbone, and a dense gradient plus a

@@ -140,13 +140,16 @@ class JTok(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.eps = cfg.tokmod.eps
+        self.l2_normalize = cfg.tokmod.l2_normalize
         self.scale = nn.Parameter(torch.empty(cfg.d_model))  # s_l
 
     def forward(
         self, h_in: Tensor, h_tilde: Tensor, m: Tensor, rows_U1D: Tensor, inverse_N: Tensor
     ) -> tuple[Tensor, Tensor | None]:
         # The gate depends on the token only, so it is computed once per distinct id.
-        u_UD = _unit(rows_U1D[:, 0].float(), self.eps)  # Eq 7
+        u_UD = rows_U1D[:, 0].float()
+        if self.l2_normalize:
+            u_UD = _unit(u_UD, self.eps)  # Eq 7
         gate_UD = torch.addcmul(torch.ones_like(u_UD), self.scale.float(), u_UD)  # Eq 8
         # F.embedding rather than gate_UD[inverse_N]: same values, and on CPU its backward
         # (a row scatter-add) is several times faster than advanced indexing's.
@@ -168,9 +171,10 @@ class JTokM(nn.Module):
         self.top_k = tok.top_k
         self.eps = tok.eps
         self.norm_eps = cfg.norm_eps
+        self.l2_normalize = tok.l2_normalize
         # Without this factor the hidden-state std grows past 5 early in training and
         # JTok-M ends worse than the baseline (METHOD.md).
-        self.residual_factor = 1.0 / math.sqrt(2 * cfg.n_layers)
+        self.residual_factor = 1.0 / math.sqrt(2 * cfg.n_layers) if tok.depth_scaling else 1.0
         self.router = nn.Parameter(torch.empty(tok.n_e, cfg.d_model))  # R_l, stored (n_e, d)
         self.scale = nn.Parameter(torch.empty(cfg.d_model))  # s_l
 
@@ -198,7 +202,10 @@ class JTokM(nn.Module):
             mode="sum",
         )
         base_ND = (h_tilde + m).reshape(e_ND.shape).float()
-        h_out = _AddScaledUnit.apply(
-            base_ND, e_ND, self.scale.float(), self.residual_factor, self.eps
-        )  # Eq 13: h' = h~ + m + s * e / (||e|| + eps) / sqrt(2 N_l)
+        if self.l2_normalize:
+            h_out = _AddScaledUnit.apply(
+                base_ND, e_ND, self.scale.float(), self.residual_factor, self.eps
+            )  # Eq 13: h' = h~ + m + s * e / (||e|| + eps) / sqrt(2 N_l)
+        else:  # ablation: the raw mixture, scaled
+            h_out = base_ND + self.residual_factor * e_ND * self.scale.float()
         return h_out.view_as(m).to(h_tilde.dtype), balance_loss(probs_NE, index_NK)

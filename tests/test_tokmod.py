@@ -263,3 +263,37 @@ def test_fused_eq13_gradient_matches_autograd_of_the_plain_formula():
                                     (base, e, s))  # fmt: skip
     plain = base + c * s * e / (e.norm(dim=-1, keepdim=True) + eps)
     torch.testing.assert_close(_AddScaledUnit.apply(base, e, s, c, eps), plain)
+
+
+@pytest.mark.parametrize("kind", ["jtok", "jtokm"])
+def test_ablation_switches_drop_exactly_the_norm_or_the_depth_factor(kind):
+    ids = random_ids(tiny(), batch=1, seq=6)
+    h = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(0))
+    outs, base = {}, None
+    for name, overrides in {
+        "full": {},
+        "no_norm": {"tokmod__l2_normalize": "false"},
+        "no_depth": {"tokmod__depth_scaling": "false"},
+    }.items():
+        # Same seed and shapes: every variant has the same weights and routing.
+        model = build_model(tiny(tokmod__kind=kind, tokmod__layers="[1]", **overrides), seed=11)
+        with torch.no_grad():
+            model.blocks[1].tokmod.scale.normal_(generator=torch.Generator().manual_seed(1))
+        outs[name] = run_block(model, 1, ids, h)[0]
+        block = model.blocks[1]
+        h_tilde, m = block_parts(block, h, model.rope_cos[:6], model.rope_sin[:6])
+        if kind == "jtok" and name == "no_norm":
+            E = layer_table(model, 1)[:, 0]
+            expected = h_tilde + m * (1 + block.tokmod.scale * E[ids[0]])
+            torch.testing.assert_close(outs[name], expected, rtol=1e-5, atol=1e-6)
+        base = h_tilde + m
+    if kind == "jtok":
+        assert torch.equal(outs["full"], outs["no_depth"])  # JTok has no depth factor
+        return
+    r_full, r_no_depth, r_no_norm = (outs[k] - base for k in ("full", "no_depth", "no_norm"))
+    # tiny has N_l = 2 layers: without the factor the update is sqrt(2 * 2) = 2x larger.
+    torch.testing.assert_close(r_no_depth, 2 * r_full, rtol=1e-4, atol=1e-6)
+    # Without the norm, each row is the normalised update times ||e|| + eps (> 1 here).
+    ratio = r_no_norm / r_full
+    torch.testing.assert_close(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-3, atol=1e-3)
+    assert (ratio[..., 0] > 1).all()
