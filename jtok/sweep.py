@@ -16,6 +16,8 @@ A spec (YAML or JSON) names a base run config, any number of axes, and a budget:
     warmup_fraction: 0.05           # optional: warmup as a share of each run's steps
     evals_per_run: 4                # optional: validation points on each run's curve
 
+A grid point whose resolved config equals an earlier one's is dropped (the baseline of an
+eta sweep does not depend on the table-size axis), so such axes cost nothing extra.
 Each run trains through the normal trainer into OUT/runs/<name>/ and, when finished,
 appends one line to OUT/results.jsonl (the input of `jtok fit`) with its config, N_c,
 N_n, eta, rho, tokens D, training FLOPs C, final and best validation loss, and curve.
@@ -122,7 +124,7 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
             raise SweepError(f"sweep spec: axis {axis!r} must map value names to overrides")
     warmup_fraction = spec.get("warmup_fraction")
     evals = int(spec.get("evals_per_run", 4))
-    runs = []
+    runs, seen_configs = [], set()
     for combo in itertools.product(*[list(opts.items()) for opts in axes.values()]):
         overrides: dict[str, Any] = {}
         labels = {}
@@ -146,6 +148,10 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
             if warmup_fraction is not None:
                 train_overrides["train.warmup_steps"] = round(warmup_fraction * steps)
             run_cfg = cfg.with_overrides(train_overrides)
+            fingerprint = _fingerprint(run_cfg)
+            if fingerprint in seen_configs:
+                continue
+            seen_configs.add(fingerprint)
             label = f"{'C' if kind == 'flops' else 'D'}{amount:.3g}"
             name = "__".join([*labels.values(), label]).replace("/", "-")
             runs.append(PlannedRun(name, labels, kind, float(amount), run_cfg))
@@ -153,6 +159,17 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
     if len(set(names)) != len(names):
         raise SweepError("sweep spec: two runs get the same name (repeated axis value names)")
     return runs
+
+
+def _fingerprint(run_cfg: RunConfig) -> str:
+    """The config as JSON, with the fields of a disabled section (no tables, no MoE) blanked,
+    since they do not change the run."""
+    data = run_cfg.to_dict()
+    if data["model"]["tokmod"]["kind"] == "none":
+        data["model"]["tokmod"] = {"kind": "none"}
+    if data["model"]["moe"]["num_experts"] == 0:
+        data["model"]["moe"] = {"num_experts": 0}
+    return json.dumps(data, sort_keys=True)
 
 
 def finished_names(out: Path) -> set[str]:

@@ -105,3 +105,16 @@ def test_sweep_cli_dry_run_and_errors(tiny_data, tmp_path, capsys):
     assert not (tmp_path / "s").exists()
     assert main(["sweep", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "s")]) == 2
     assert main(["sweep", str(path), "--out", str(tmp_path / "s"), "--shard", "3/2"]) == 2
+
+
+def test_grid_points_with_identical_configs_run_once(tiny_data):
+    spec = spec_dict(tiny_data)
+    spec["axes"] = {
+        "variant": {"baseline": {}, "jtokm": {"model.tokmod.kind": "jtokm"}},
+        "tables": {"n2": {"model.tokmod.n_e": 2}, "n3": {"model.tokmod.n_e": 3}},
+    }
+    runs = plan(spec)
+    # baseline ignores the table axis: 1 baseline + 2 JTok-M per budget
+    assert len(runs) == 3 * 2
+    assert sorted({r.labels["variant"] for r in runs}) == ["baseline", "jtokm"]
+    assert {r.config.model.tokmod.n_e for r in runs if r.labels["variant"] == "jtokm"} == {2, 3}
