@@ -46,23 +46,24 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return overrides
 
 
-def load_config_file(path: Path) -> ModelConfig:
+def load_mapping(path: Path) -> dict:
+    """A config file's content: YAML or JSON (YAML reads both), which must be a mapping."""
+    import yaml
+
     try:
-        text = path.read_text()
+        data = yaml.safe_load(path.read_text())
     except OSError as err:
         raise UsageError(f"cannot read config {path}: {err.strerror}") from None
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    except yaml.YAMLError as err:
+        raise UsageError(f"config {path} is not valid YAML/JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config {path} must hold a mapping")
+    return data
 
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise UsageError(f"config {path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"config {path} must hold a mapping")
-        data = data.get("model", data)  # a run config may nest the model under "model"
-        return ModelConfig.from_dict(data)
-    return ModelConfig.from_json(text)
+
+def load_config_file(path: Path) -> ModelConfig:
+    data = load_mapping(path)
+    return ModelConfig.from_dict(data.get("model", data))  # a run config nests "model"
 
 
 def resolve_model_config(args: argparse.Namespace) -> ModelConfig:
@@ -203,9 +204,8 @@ def resolve_run_config(args: argparse.Namespace):
         if not path.is_file():
             raise UsageError(f"--resume: {args.out} holds no run (no {CONFIG_FILE})")
         return RunConfig.from_json(path.read_text()).with_overrides(overrides)
-    if args.config is not None and args.config.suffix in (".yaml", ".yml", ".json"):
-        text = _read_text(args.config)
-        raw = _parse_mapping(args.config, text)
+    if args.config is not None:
+        raw = load_mapping(args.config)
         if "model" in raw or "train" in raw:
             base = RunConfig.from_dict(raw)
         else:
@@ -230,25 +230,6 @@ def _train_for(model_dict: dict):
 
     # Default sequence length: the trainer's, capped by the model's context.
     return TrainConfig(seq_len=min(TrainConfig.seq_len, model_dict.get("max_seq_len", 256)))
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError as err:
-        raise UsageError(f"cannot read config {path}: {err.strerror}") from None
-
-
-def _parse_mapping(path: Path, text: str) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(text)  # YAML is a superset of JSON
-    except yaml.YAMLError as err:
-        raise UsageError(f"config {path} is not valid YAML/JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"config {path} must hold a mapping")
-    return data
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -259,3 +259,17 @@ def test_eval_refuses_data_tokenized_differently_from_the_checkpoint(tiny_data, 
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
     assert "tokenizer" in capsys.readouterr().err
     assert (run / "tokenizer.json").read_bytes() == tokenizer_before
+
+
+def test_train_takes_a_run_config_file_with_overrides(tiny_data, tmp_path):
+    import yaml
+
+    cfg = tiny_run_config(tiny_data, steps=2, save_every=2, eval_every=0)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(path), "--set", "lr=2e-3", "--set",
+                 "tokmod.kind=jtok", "--out", str(run), "--no-progress"]) == 0  # fmt: skip
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["lr"] == 2e-3 and saved["model"]["tokmod"]["kind"] == "jtok"
+    assert saved["train"]["data"] == str(tiny_data)
