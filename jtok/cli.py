@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from jtok.config import PRESETS, ConfigError, ModelConfig, preset
+from jtok.config import PRESETS, ConfigError, ModelConfig, load_mapping, preset
 from jtok.errors import JTokError
 
 
@@ -44,21 +44,6 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
             raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip()] = value.strip()
     return overrides
-
-
-def load_mapping(path: Path) -> dict:
-    """A config file's content: YAML or JSON (YAML reads both), which must be a mapping."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise UsageError(f"cannot read config {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise UsageError(f"config {path} is not valid YAML/JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"config {path} must hold a mapping")
-    return data
 
 
 def load_config_file(path: Path) -> ModelConfig:

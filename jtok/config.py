@@ -13,6 +13,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jtok.errors import JTokError
@@ -325,6 +326,21 @@ class RunConfig(_ConfigBase):
             "train.seq_len",
             f"seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
+
+
+def load_mapping(path, what: str = "config") -> dict[str, Any]:
+    """A YAML or JSON file (YAML reads both) that must hold a mapping; errors name the file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML/JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping")
+    return data
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from jtok.checkpoint import latest_checkpoint, write_json_atomic
-from jtok.config import ConfigError, ModelConfig, RunConfig, TrainConfig, preset
+from jtok.config import ConfigError, ModelConfig, RunConfig, TrainConfig, load_mapping, preset
 from jtok.errors import JTokError
 from jtok.flops import count_flops, summarize
 from jtok.train import read_metrics, train
@@ -65,20 +65,6 @@ class PlannedRun:
     @property
     def flops(self) -> float:
         return count_flops(self.config.model, self.config.train.seq_len).train * self.tokens
-
-
-def load_spec(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except OSError as err:
-        raise SweepError(f"cannot read sweep spec {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise SweepError(f"sweep spec {path} is not valid YAML/JSON: {err}") from None
-    if not isinstance(spec, dict):
-        raise SweepError(f"sweep spec {path} must hold a mapping")
-    return spec
 
 
 def _base_config(base: dict[str, Any]) -> RunConfig:
@@ -237,7 +223,7 @@ def run_sweep(
     spec_path: Path, out: Path, shard: tuple[int, int] = (0, 1), dry_run: bool = False,
     progress: bool = True, log=print,
 ) -> list[PlannedRun]:  # fmt: skip
-    spec = load_spec(spec_path)
+    spec = load_mapping(spec_path, "sweep spec")
     runs = plan(spec)
     out = Path(out)
     index, count = shard
