@@ -27,6 +27,10 @@ Choices the paper leaves OPEN, and what we chose:
   tables: it scales each residual update to the depth of the residual stream, as GPT-2's
   output-projection init does.
 - One kind per model (JTok or JTok-M), on any subset of layers (``tokmod.layers``).
+- Optimisation (outside this module): tables take a much larger step than the matrices
+  (`TrainConfig.table_lr_mult`, 30 by default) and no weight decay. Measured in the demo
+  setting: with the matrices' step JTok-M ends worse than the baseline, because its
+  additive update stays near random for hundreds of steps.
 """
 
 from __future__ import annotations
