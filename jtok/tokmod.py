@@ -167,6 +167,11 @@ class JTokM(nn.Module):
     g = RMSNorm(h) R (Eq 10); w = sigmoid weights renormalised over the top-K (Eq 11);
     e = sum_i w_i E_i[x] (Eq 12); r = s * e / (||e|| + eps) / sqrt(2 N_l) and
     h' = h~ + m + r (Eq 13). Returns the unweighted Switch-style balance loss.
+
+    With K = 1, Eq 11 gives w = 1 whatever the logits, so the router learns from the
+    balance loss alone and the choice of table stays a near-random function of the
+    context. Measured on docs-en (n_e = 4, K = 1, 3M tokens): 4% worse than the baseline.
+    Use K >= 2.
     """
 
     def __init__(self, cfg: ModelConfig):
