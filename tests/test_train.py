@@ -136,7 +136,6 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_data, 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):
     model = tiny_model()
     ckpt.save_checkpoint(tmp_path, 1, model)
-    before = ckpt.load_run  # noqa: F841 (reference kept for clarity)
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
