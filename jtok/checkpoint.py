@@ -134,16 +134,11 @@ def save_checkpoint(
     tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    config_json = json.dumps(model.cfg.to_dict()) if hasattr(model, "cfg") else "{}"
-    save_file(model_tensors(model), tmp / "model.safetensors", metadata={"config": config_json})
-    state = {"format_version": FORMAT_VERSION, "step": step, "rng": rng_state(), **(meta or {})}
-    if optimizers is not None:
-        tensors, rest = _split_optimizer_state(optimizers.state_dict())
-        save_file(tensors, tmp / "optimizer.safetensors")
-        state["optimizer"] = rest
-    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-    for name in os.listdir(tmp):
-        _fsync(tmp / name)
+    try:
+        _write_checkpoint_files(tmp, step, model, optimizers, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written folder left behind
+        raise
     if final.exists():  # re-saving a step: move the old one aside first, then drop it
         old = root / f".old-{checkpoint_name(step)}-{os.getpid()}"
         os.replace(final, old)
@@ -156,6 +151,20 @@ def save_checkpoint(
         for stale in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _write_checkpoint_files(folder: Path, step: int, model: torch.nn.Module, optimizers,
+                            meta: dict[str, Any] | None) -> None:  # fmt: skip
+    config_json = json.dumps(model.cfg.to_dict()) if hasattr(model, "cfg") else "{}"
+    save_file(model_tensors(model), folder / "model.safetensors", metadata={"config": config_json})
+    state = {"format_version": FORMAT_VERSION, "step": step, "rng": rng_state(), **(meta or {})}
+    if optimizers is not None:
+        tensors, rest = _split_optimizer_state(optimizers.state_dict())
+        save_file(tensors, folder / "optimizer.safetensors")
+        state["optimizer"] = rest
+    (folder / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    for name in os.listdir(folder):
+        _fsync(folder / name)
 
 
 def read_state(ckpt_dir: Path) -> dict[str, Any]:

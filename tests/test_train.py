@@ -144,6 +144,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
     with pytest.raises(OSError):
         ckpt.save_checkpoint(tmp_path, 2, model)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
     fresh = tiny_model(seed=9)
     ckpt.load_model_weights(ckpt.latest_checkpoint(tmp_path), fresh)
     for key, value in model.state_dict().items():
