@@ -19,10 +19,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from jtok.config import ModelConfig
+from jtok.config import ModelConfig, TrainConfig
 from jtok.flops import summarize
 from jtok.model import build_model
-from jtok.optim import RowAdam
+from jtok.optim import Optimizers
 
 VARIANTS = ("baseline", "jtok", "jtokm")
 
@@ -47,31 +47,13 @@ def zipf_token_batches(vocab: int, batch: int, seq_len: int, n_batches: int,
     return list(ids)
 
 
-def make_optimizers(model: torch.nn.Module, lr: float = 1e-3) -> list[torch.optim.Optimizer]:
-    """AdamW (decay on matrices only); sparse-gradient tables go to RowAdam."""
-    decay, no_decay, sparse = [], [], []
-    for name, param in model.named_parameters():
-        if name.startswith("token_tables") and model.cfg.tokmod.sparse_grad:
-            sparse.append(param)
-        elif param.ndim >= 2 and not name.startswith("token_tables"):
-            decay.append(param)
-        else:
-            no_decay.append(param)
-    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=lr)]
-    if sparse:
-        optimizers.append(RowAdam(sparse, lr=lr))
-    return optimizers
-
-
-def train_step(model, optimizers, batch_ids: torch.Tensor) -> float:
+def train_step(model, optimizers: Optimizers, batch_ids: torch.Tensor) -> float:
     inputs, targets = batch_ids[:, :-1], batch_ids[:, 1:]
     out = model(inputs)
     loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten()) + out.aux_loss
     loss.backward()
-    for opt in optimizers:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    optimizers.step()
+    optimizers.zero_grad()
     return loss.item()
 
 
@@ -87,7 +69,8 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
     for variant in variants:
         vcfg = variant_config(cfg, variant, sparse_grad=optimizer == "sparse")
         model = build_model(vcfg, seed=0).train()
-        runs[variant] = (vcfg, model, make_optimizers(model))
+        # The trainer's optimizer roles: AdamW by role, RowAdam for sparse-gradient tables.
+        runs[variant] = (vcfg, model, Optimizers(model, TrainConfig(lr=1e-3)))
         for i in range(warmup):
             train_step(model, runs[variant][2], batches[i % len(batches)])
 

@@ -249,9 +249,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batches = data.eval_batches(ids, "text", seq_len, run_cfg.train.batch_size,
                                     args.max_tokens)  # fmt: skip
         result = evaluate(model, batches, device, run_cfg.train.precision)
-        text_bytes = len(args.text.read_bytes())
-        share = result["tokens"] / max(1, len(ids) - 1)
-        report = loss_report(result["loss_sum"], result["tokens"], text_bytes * min(1, share))
+        report = loss_report(result["loss_sum"], result["tokens"], len(args.text.read_bytes()),
+                             len(ids))  # fmt: skip
     else:
         manifest = data.load_manifest(run_cfg.train.data)
         if state.get("tokenizer_sha256"):

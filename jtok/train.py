@@ -100,8 +100,15 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, precision: s
     return {"loss_sum": loss_sum, "tokens": tokens}
 
 
-def loss_report(loss_sum: float, tokens: int, text_bytes: float) -> dict:
-    """Mean loss (nats/token), perplexity and bits per byte of text."""
+def loss_report(loss_sum: float, tokens: int, text_bytes: float, text_tokens: int) -> dict:
+    """Mean loss (nats/token), perplexity and bits per byte over `tokens` evaluated targets.
+
+    The text has `text_tokens` ids and `text_bytes` bytes. Windows never predict its first
+    id, and a prefix (max tokens) covers only part of it: the bytes are scaled by the share
+    of targets evaluated, assuming bytes per token are even across the text.
+    """
+    share = min(1.0, tokens / max(1, text_tokens - 1))
+    text_bytes = text_bytes * share
     loss = loss_sum / max(tokens, 1)
     return {
         "loss": loss,
@@ -116,7 +123,7 @@ def validation(model, run_cfg: RunConfig, device, split: str = "val",
     """Validation loss / ppl / bpb over (the first max_tokens of) a prepared split.
 
     Bits per byte need the bytes of the evaluated text: the manifest records them per
-    split; for a prefix of a split they are scaled by the share of tokens evaluated.
+    split (see `loss_report` for a prefix).
     """
     train = run_cfg.train
     manifest = data.load_manifest(train.data)
@@ -126,9 +133,8 @@ def validation(model, run_cfg: RunConfig, device, split: str = "val",
         data.eval_batches(train.data, split, train.seq_len, train.batch_size, max_tokens),
         device, train.precision,
     )  # fmt: skip
-    # Windows drop each split's first token as a target: bytes scale by targets covered.
-    share = result["tokens"] / max(1, split_info["tokens"] - 1)
-    return loss_report(result["loss_sum"], result["tokens"], split_info["bytes"] * min(1, share))
+    return loss_report(result["loss_sum"], result["tokens"], split_info["bytes"],
+                       split_info["tokens"])  # fmt: skip
 
 
 class MetricsLog:

@@ -273,3 +273,15 @@ def test_train_takes_a_run_config_file_with_overrides(tiny_data, tmp_path):
     saved = json.loads((run / "config.json").read_text())
     assert saved["train"]["lr"] == 2e-3 and saved["model"]["tokmod"]["kind"] == "jtok"
     assert saved["train"]["data"] == str(tiny_data)
+
+
+def test_bits_per_byte_scale_to_the_share_of_text_evaluated():
+    from jtok.train import loss_report
+
+    # 101 ids -> 100 targets; all of them evaluated: bytes are the whole text's.
+    full = loss_report(loss_sum=200.0, tokens=100, text_bytes=400, text_tokens=101)
+    assert full["loss"] == 2.0 and full["bpb"] == pytest.approx(200.0 / math.log(2) / 400)
+    # A prefix of 50 targets covers half the text's bytes.
+    half = loss_report(loss_sum=100.0, tokens=50, text_bytes=400, text_tokens=101)
+    assert half["bpb"] == pytest.approx(full["bpb"])
+    assert half["ppl"] == pytest.approx(math.exp(2.0))
