@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -136,11 +137,21 @@ class TokModConfig:
     # after the L2 projection, but the norm sets how fast Adam turns it: a step of size lr
     # per element rotates a row by about lr / table_init_std radians.
     table_init_std: float = 1.0
-    # OPEN (init): s = 1 rather than 0. With s = 0 the tables get no gradient on the first
-    # step; s = 1 starts with a gentle modulation of about 1/sqrt(d) per element. Measured
-    # (demo setting, 600 steps): JTok-M with s = 0 never grew s past ~0.06 and tied the
-    # baseline; s = 1 with the default table LR beat it by 2.8%.
-    scale_init: float = 1.0
+    # OPEN (init of s). None picks by kind. JTok: s = 1, a gentle gate 1 + s u of about
+    # 1 +- 1/sqrt(d) per element (s = 0 would give the tables no gradient at the first
+    # step). JTok-M: s = sqrt(d), so that s u is unit-RMS per element and Eq 13's
+    # 1/sqrt(2 N_l) alone sets the size of each layer's update, as the paper's account of
+    # that factor implies (without it the hidden std "grows past 5": with s = 1 the whole
+    # sum over layers could not). Measured (results/scale-init, d = 128, 3M tokens):
+    # s = 1 made JTok-M worse than the baseline (Adam grew s at its top rate all run);
+    # s = sqrt(d) made it better.
+    scale_init: float | None = None
+
+    def initial_scale(self, d_model: int) -> float:
+        """The value s starts from (scale_init, or the kind's default)."""
+        if self.scale_init is not None:
+            return float(self.scale_init)
+        return math.sqrt(d_model) if self.kind == "jtokm" else 1.0
     router_init_std: float = 0.02  # JTok-M router R_l ~ N(0, std^2)
     # Ablation switches (METHOD.md calls both essential): False drops the L2 projection
     # of Eq 7 / Eq 12, or JTok-M's 1/sqrt(2 N_l) factor of Eq 13.

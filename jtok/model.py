@@ -183,7 +183,8 @@ class JTokModel(nn.Module):
         - attention wo, FFN w2 (dense, shared, experts): N(0, (init_std / sqrt(2 L))^2),
           so the residual stream's variance does not grow with depth (GPT-2)
         - RMSNorm weights: 1
-        - token tables: N(0, tokmod.table_init_std^2); tokmod scale s: tokmod.scale_init;
+        - token tables: N(0, tokmod.table_init_std^2); tokmod scale s:
+          tokmod.initial_scale(d) (1 for JTok, sqrt(d) for JTok-M by default);
           JTok-M router: N(0, tokmod.router_init_std^2)
         - MoE selection bias: 0; RoPE tables: recomputed (they may have been built on meta)
         """
@@ -215,7 +216,7 @@ class JTokModel(nn.Module):
                 ffn.selection_bias.zero_()
                 ffn.load_since_update.zero_()
             if block.tokmod is not None:
-                block.tokmod.scale.fill_(tok.scale_init)
+                block.tokmod.scale.fill_(tok.initial_scale(cfg.d_model))
                 if isinstance(block.tokmod, JTokM):
                     normal(block.tokmod.router, tok.router_init_std)
         if self.token_tables is not None:

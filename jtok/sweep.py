@@ -158,15 +158,64 @@ def _fingerprint(run_cfg: RunConfig) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def finished_names(out: Path) -> set[str]:
+def finished_runs(out: Path) -> dict[str, dict[str, Any]]:
+    """name -> the config each finished run of OUT/results.jsonl trained with."""
     path = Path(out) / RESULTS_FILE
     if not path.is_file():
-        return set()
-    names = set()
-    for line in path.read_text().splitlines():
-        if line.strip():
-            names.add(json.loads(line)["name"])
-    return names
+        return {}
+    finished = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            finished[record["name"]] = record.get("config")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SweepError(f"{path}:{number}: not a sweep result line") from None
+    return finished
+
+
+def config_differences(recorded: dict[str, Any] | None, planned: RunConfig) -> list[str]:
+    """Dotted keys where a recorded run config differs from the planned one.
+
+    The recorded dict goes through RunConfig first, so fields added to the config since
+    it was written take their defaults instead of counting as differences."""
+    if recorded is None:
+        return []
+    try:
+        old = json.loads(_fingerprint(RunConfig.from_dict(recorded)))
+    except ConfigError:
+        return ["(unreadable config)"]
+    new = json.loads(_fingerprint(planned))
+
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in sorted(set(a) | set(b))
+                    for d in walk(a.get(k), b.get(k), f"{prefix}{k}.")]  # fmt: skip
+        return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+    return walk(old, new, "")
+
+
+def _refuse_changed(run: PlannedRun, where: str, recorded: dict[str, Any] | None) -> None:
+    """A spec (or a default) changed under a run already started or finished: mixing the two
+    configurations in one study would be silent, so stop and say what changed."""
+    changed = config_differences(recorded, run.config)
+    if changed:
+        more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
+        shown = "; ".join(changed[:3]) + more
+        raise SweepError(
+            f"run {run.name} in {where} was trained with a different configuration ({shown}); "
+            "restore the spec, or move the run out (and its results.jsonl line) to redo it"
+        )
+
+
+def _read_config(out: Path, name: str) -> dict[str, Any] | None:
+    path = out / "runs" / name / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # no readable config: the trainer's own checks speak on resume
 
 
 def result_record(run: PlannedRun, run_dir: Path) -> dict[str, Any]:
@@ -231,10 +280,14 @@ def run_sweep(
     if dry_run:
         return mine
     out.mkdir(parents=True, exist_ok=True)
-    spec_copy = out / "spec.json"
-    if not spec_copy.exists():
-        write_json_atomic(spec_copy, spec)
-    done = finished_names(out)
+    # The copy follows the spec that last ran here: a grid may grow between sessions.
+    write_json_atomic(out / "spec.json", spec)
+    done = finished_runs(out)
+    for run in mine:  # check the whole share first: fail before any run starts
+        if run.name in done:
+            _refuse_changed(run, str(out / RESULTS_FILE), done[run.name])
+        elif latest_checkpoint(out / "runs" / run.name) is not None:
+            _refuse_changed(run, str(out / "runs" / run.name), _read_config(out, run.name))
     for i, run in enumerate(mine):
         if run.name in done:
             continue

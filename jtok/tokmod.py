@@ -17,7 +17,7 @@ routes each position to K of n tables, so many gathered rows get none); a dense 
 would be the size of the whole table every step.
 
 Choices the paper leaves OPEN, and what we chose:
-- Init: tables N(0, table_init_std^2), scale s = scale_init (1 by default), router
+- Init: tables N(0, table_init_std^2), scale s = 1 (JTok) or sqrt(d) (JTok-M), router
   N(0, router_init_std^2). See TokModConfig for the reasons.
 - The router's RMSNorm (Eq 10) has no learnable gain: a per-dimension gain in front of a
   linear router is absorbed by the router matrix itself, so a gain adds no expressivity.

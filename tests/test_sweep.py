@@ -4,7 +4,7 @@ import pytest
 
 from jtok.cli import main
 from jtok.flops import count_flops
-from jtok.sweep import SweepError, finished_names, plan, run_sweep
+from jtok.sweep import SweepError, finished_runs, plan, run_sweep
 
 
 def spec_dict(data_dir, budget=None):
@@ -94,7 +94,7 @@ def test_sweep_runs_every_run_once_and_resumes(tiny_data, tmp_path):
             if json.loads(x)["name"] != name]  # fmt: skip
     (out / "results.jsonl").write_text("\n".join(kept) + "\n")
     run_sweep(path, out, progress=False, log=lambda m: None)
-    assert finished_names(out) == {r["name"] for r in lines}
+    assert set(finished_runs(out)) == {r["name"] for r in lines}
 
 
 def test_sweep_cli_dry_run_and_errors(tiny_data, tmp_path, capsys):
@@ -118,3 +118,25 @@ def test_grid_points_with_identical_configs_run_once(tiny_data):
     assert len(runs) == 3 * 2
     assert sorted({r.labels["variant"] for r in runs}) == ["baseline", "jtokm"]
     assert {r.config.model.tokmod.n_e for r in runs if r.labels["variant"] == "jtokm"} == {2, 3}
+
+
+def test_a_changed_spec_does_not_mix_with_runs_already_done(tiny_data, tmp_path):
+    spec = spec_dict(tiny_data, budget={"tokens": [256]})
+    spec["axes"] = {"variant": {"jtokm": {"model.tokmod.kind": "jtokm"}}}
+    path = write_spec(tmp_path, spec)
+    out = tmp_path / "sweep"
+    run_sweep(path, out, progress=False, log=lambda m: None)
+    before = (out / "results.jsonl").read_text()
+
+    # Same run names, another table LR: the finished run is not silently reused.
+    spec["base"]["train"]["table_lr_mult"] = 3.0
+    write_spec(tmp_path, spec)
+    with pytest.raises(SweepError, match=r"jtokm__D256 .*train.table_lr_mult: 30.0 -> 3.0"):
+        run_sweep(path, out, progress=False, log=lambda m: None)
+    assert (out / "results.jsonl").read_text() == before  # nothing trained or appended
+
+    # An interrupted run (checkpoint, no result line) is not resumed under another config.
+    (out / "results.jsonl").write_text("")
+    with pytest.raises(SweepError, match=r"runs.jtokm__D256 .*table_lr_mult"):
+        run_sweep(path, out, progress=False, log=lambda m: None)
+    assert main(["sweep", str(path), "--out", str(out)]) == 2

@@ -311,3 +311,20 @@ def test_router_learns_from_the_lm_loss_only_when_k_is_at_least_two():
     # K = 1: w = sigmoid(g) / sigmoid(g) = 1, so only rounding residue reaches the router.
     assert router_grad_norm(1) < 1e-6 * router_grad_norm(2)
     assert router_grad_norm(2) > 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "scale_init", "expected"),
+    [("jtok", None, 1.0), ("jtokm", None, math.sqrt(64)), ("jtokm", 2.5, 2.5)],
+)
+def test_initial_scale_is_per_kind_unless_set(kind, scale_init, expected):
+    cfg = tiny(tokmod__kind=kind, tokmod__scale_init=scale_init)
+    model = build_model(cfg, seed=0)
+    assert cfg.d_model == 64
+    for block in model.blocks:
+        assert torch.equal(block.tokmod.scale, torch.full((64,), expected))
+    # JTok-M's s u is then unit-RMS per element (the update size is Eq 13's depth factor).
+    if kind == "jtokm" and scale_init is None:
+        u = torch.nn.functional.normalize(torch.randn(1000, 64), dim=-1)
+        rms = (model.blocks[0].tokmod.scale.detach() * u).square().mean().sqrt()
+        assert rms.item() == pytest.approx(1.0)
