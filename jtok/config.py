@@ -341,6 +341,39 @@ class RunConfig(_ConfigBase):
         )
 
 
+def effective_dict(run_cfg: RunConfig) -> dict[str, Any]:
+    """The config as a dict, with the fields of a disabled section (no tables, no MoE)
+    blanked: two configs with equal effective dicts train the same run."""
+    data = run_cfg.to_dict()
+    if data["model"]["tokmod"]["kind"] == "none":
+        data["model"]["tokmod"] = {"kind": "none"}
+    if data["model"]["moe"]["num_experts"] == 0:
+        data["model"]["moe"] = {"num_experts": 0}
+    return data
+
+
+def config_differences(recorded: dict[str, Any] | None, planned: RunConfig) -> list[str]:
+    """'dotted.key: old -> new' for each field where a recorded run config (a config.json
+    or a results line) differs in effect from the planned one.
+
+    The recorded dict goes through RunConfig first, so fields added to the config since it
+    was written take their defaults instead of counting as differences."""
+    if recorded is None:
+        return []
+    try:
+        old = effective_dict(RunConfig.from_dict(recorded))
+    except ConfigError:
+        return ["(unreadable config)"]
+
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in sorted(set(a) | set(b))
+                    for d in walk(a.get(k), b.get(k), f"{prefix}{k}.")]  # fmt: skip
+        return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+    return walk(old, effective_dict(planned), "")
+
+
 def load_mapping(path, what: str = "config") -> dict[str, Any]:
     """A YAML or JSON file (YAML reads both) that must hold a mapping; errors name the file."""
     import yaml

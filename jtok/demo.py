@@ -16,9 +16,15 @@ from pathlib import Path
 
 from jtok import data
 from jtok.checkpoint import latest_checkpoint, write_json_atomic
-from jtok.config import ModelConfig, RunConfig, TokModConfig, TrainConfig
+from jtok.config import ModelConfig, RunConfig, TokModConfig, TrainConfig, config_differences
+from jtok.errors import JTokError
 from jtok.flops import summarize
-from jtok.train import read_metrics, train
+from jtok.train import read_metrics, saved_config, train
+
+
+class DemoError(JTokError):
+    """The demo's output folder holds runs it cannot reuse."""
+
 
 VARIANTS = {
     "baseline": TokModConfig(kind="none"),
@@ -63,6 +69,13 @@ def run_demo(out: Path, steps: int = 600, variants: list[str] | None = None,
         model_cfg = dataclasses.replace(demo_backbone(vocab), tokmod=VARIANTS[name])
         run_cfg = RunConfig(model=model_cfg, train=demo_train_config(data_dir, steps))
         run_dir = out / "runs" / name
+        changed = config_differences(saved_config(run_dir), run_cfg)
+        if changed and read_metrics(run_dir):
+            # An older jtok's run (other defaults): neither reuse it nor train over it.
+            raise DemoError(
+                f"{run_dir} was trained with another configuration ({changed[0]}); "
+                "pass a new --out, or delete that folder to retrain it"
+            )
         done = read_metrics(run_dir)
         finished = any(r.get("step") == steps and "val_loss" in r for r in done)
         if not finished:

@@ -36,10 +36,19 @@ from pathlib import Path
 from typing import Any
 
 from jtok.checkpoint import latest_checkpoint, write_json_atomic
-from jtok.config import ConfigError, ModelConfig, RunConfig, TrainConfig, load_mapping, preset
+from jtok.config import (
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    config_differences,
+    effective_dict,
+    load_mapping,
+    preset,
+)
 from jtok.errors import JTokError
 from jtok.flops import count_flops, summarize
-from jtok.train import read_metrics, train
+from jtok.train import read_metrics, saved_config, train
 
 RESULTS_FILE = "results.jsonl"
 SPEC_KEYS = {"name", "base", "axes", "budget", "warmup_fraction", "evals_per_run"}
@@ -134,7 +143,7 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
             if warmup_fraction is not None:
                 train_overrides["train.warmup_steps"] = round(warmup_fraction * steps)
             run_cfg = cfg.with_overrides(train_overrides)
-            fingerprint = _fingerprint(run_cfg)
+            fingerprint = json.dumps(effective_dict(run_cfg), sort_keys=True)
             if fingerprint in seen_configs:
                 continue
             seen_configs.add(fingerprint)
@@ -145,17 +154,6 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
     if len(set(names)) != len(names):
         raise SweepError("sweep spec: two runs get the same name (repeated axis value names)")
     return runs
-
-
-def _fingerprint(run_cfg: RunConfig) -> str:
-    """The config as JSON, with the fields of a disabled section (no tables, no MoE) blanked,
-    since they do not change the run."""
-    data = run_cfg.to_dict()
-    if data["model"]["tokmod"]["kind"] == "none":
-        data["model"]["tokmod"] = {"kind": "none"}
-    if data["model"]["moe"]["num_experts"] == 0:
-        data["model"]["moe"] = {"num_experts": 0}
-    return json.dumps(data, sort_keys=True)
 
 
 def finished_runs(out: Path) -> dict[str, dict[str, Any]]:
@@ -175,28 +173,6 @@ def finished_runs(out: Path) -> dict[str, dict[str, Any]]:
     return finished
 
 
-def config_differences(recorded: dict[str, Any] | None, planned: RunConfig) -> list[str]:
-    """Dotted keys where a recorded run config differs from the planned one.
-
-    The recorded dict goes through RunConfig first, so fields added to the config since
-    it was written take their defaults instead of counting as differences."""
-    if recorded is None:
-        return []
-    try:
-        old = json.loads(_fingerprint(RunConfig.from_dict(recorded)))
-    except ConfigError:
-        return ["(unreadable config)"]
-    new = json.loads(_fingerprint(planned))
-
-    def walk(a: Any, b: Any, prefix: str) -> list[str]:
-        if isinstance(a, dict) and isinstance(b, dict):
-            return [d for k in sorted(set(a) | set(b))
-                    for d in walk(a.get(k), b.get(k), f"{prefix}{k}.")]  # fmt: skip
-        return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
-
-    return walk(old, new, "")
-
-
 def _refuse_changed(run: PlannedRun, where: str, recorded: dict[str, Any] | None) -> None:
     """A spec (or a default) changed under a run already started or finished: mixing the two
     configurations in one study would be silent, so stop and say what changed."""
@@ -208,14 +184,6 @@ def _refuse_changed(run: PlannedRun, where: str, recorded: dict[str, Any] | None
             f"run {run.name} in {where} was trained with a different configuration ({shown}); "
             "restore the spec, or move the run out (and its results.jsonl line) to redo it"
         )
-
-
-def _read_config(out: Path, name: str) -> dict[str, Any] | None:
-    path = out / "runs" / name / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # no readable config: the trainer's own checks speak on resume
 
 
 def result_record(run: PlannedRun, run_dir: Path) -> dict[str, Any]:
@@ -287,7 +255,8 @@ def run_sweep(
         if run.name in done:
             _refuse_changed(run, str(out / RESULTS_FILE), done[run.name])
         elif latest_checkpoint(out / "runs" / run.name) is not None:
-            _refuse_changed(run, str(out / "runs" / run.name), _read_config(out, run.name))
+            run_dir = out / "runs" / run.name
+            _refuse_changed(run, str(run_dir), saved_config(run_dir))
     for i, run in enumerate(mine):
         if run.name in done:
             continue

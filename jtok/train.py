@@ -175,6 +175,14 @@ class MetricsLog:
             self.tb.close()
 
 
+def saved_config(run_dir: Path) -> dict | None:
+    """The config.json a run directory was trained with, or None if it has none readable."""
+    try:
+        return json.loads((Path(run_dir) / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():

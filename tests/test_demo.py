@@ -1,0 +1,48 @@
+"""The README's main job, `jtok demo`, on the tiny dataset with a few steps."""
+
+import json
+import shutil
+
+import pytest
+
+from jtok.cli import main
+from jtok.demo import DemoError, run_demo
+
+
+@pytest.fixture
+def demo_out(tiny_data, tmp_path):
+    out = tmp_path / "demo"
+    shutil.copytree(tiny_data, out / "data")  # prepared data in place: the demo reuses it
+    return out
+
+
+def test_demo_trains_each_variant_writes_a_summary_and_reuses_finished_runs(demo_out):
+    summary = run_demo(demo_out, steps=2, variants=["baseline", "jtokm"], progress=False,
+                       log=lambda m: None)  # fmt: skip
+    assert set(summary) == {"baseline", "jtokm"}
+    assert summary["baseline"]["token_params"] == 0 < summary["jtokm"]["token_params"]
+    saved = json.loads((demo_out / "summary.json").read_text())
+    assert saved["jtokm"]["val_loss"] == summary["jtokm"]["val_loss"]
+    assert (demo_out / "loss_curves.png").stat().st_size > 0
+    config = json.loads((demo_out / "runs" / "jtokm" / "config.json").read_text())
+    assert config["model"]["tokmod"]["kind"] == "jtokm" and config["train"]["steps"] == 2
+
+    metrics = demo_out / "runs" / "jtokm" / "metrics.jsonl"
+    stamp = metrics.stat().st_mtime_ns
+    again = run_demo(demo_out, steps=2, variants=["jtokm"], progress=False, log=lambda m: None)
+    assert metrics.stat().st_mtime_ns == stamp  # finished: reused, not retrained
+    assert again["jtokm"]["val_loss"] == summary["jtokm"]["val_loss"]
+
+
+def test_demo_refuses_a_run_trained_with_another_configuration(demo_out, capsys):
+    run_demo(demo_out, steps=2, variants=["jtokm"], progress=False, log=lambda m: None)
+    config_path = demo_out / "runs" / "jtokm" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["tokmod"]["scale_init"] = 1.0  # as an older jtok's default would be
+    config_path.write_text(json.dumps(config))
+    metrics = (demo_out / "runs" / "jtokm" / "metrics.jsonl").read_text()
+    with pytest.raises(DemoError, match=r"scale_init: 1.0 -> None"):
+        run_demo(demo_out, steps=2, variants=["jtokm"], progress=False, log=lambda m: None)
+    assert (demo_out / "runs" / "jtokm" / "metrics.jsonl").read_text() == metrics  # untouched
+    assert main(["demo", "--out", str(demo_out), "--steps", "2"]) == 2
+    assert "trained with another configuration" in capsys.readouterr().err
