@@ -31,9 +31,12 @@ import fcntl
 import itertools
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from jtok.checkpoint import latest_checkpoint, write_json_atomic
 from jtok.config import (
@@ -186,6 +189,10 @@ def _refuse_changed(run: PlannedRun, where: str, recorded: dict[str, Any] | None
         )
 
 
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def result_record(run: PlannedRun, run_dir: Path) -> dict[str, Any]:
     metrics = read_metrics(run_dir)
     val = [r for r in metrics if "val_loss" in r]
@@ -212,6 +219,12 @@ def result_record(run: PlannedRun, run_dir: Path) -> dict[str, Any]:
         "best_val_loss": min(r["val_loss"] for r in val),
         "curve": [[r["step"], r["step"] * per_step, r["val_loss"]] for r in val],
         "config": run.config.to_dict(),
+        # Where it ran, for reading timings (and bitwise reproduction: the thread count
+        # changes the floating-point reduction order on CPU).
+        "machine": {"device": "cuda" if torch.cuda.is_available() else "cpu",
+                    "threads": torch.get_num_threads(),
+                    "median_tokens_per_s": _median([r["tokens_per_s"] for r in metrics
+                                                    if "tokens_per_s" in r])},  # fmt: skip
     }
 
 

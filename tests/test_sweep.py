@@ -82,6 +82,7 @@ def test_sweep_runs_every_run_once_and_resumes(tiny_data, tmp_path):
         assert record["best_val_loss"] <= record["final_val_loss"]
         assert (record["N_n"] > 0) == (record["variant"] == "jtokm")
         assert record["tokens"] in (256, 512)
+        assert record["machine"]["threads"] >= 1 and record["machine"]["median_tokens_per_s"] > 0
     # A re-run skips finished runs: nothing new is trained or appended.
     stamps = {p: p.stat().st_mtime for p in out.glob("runs/*/metrics.jsonl")}
     run_sweep(path, out, progress=False, log=lambda m: None)
