@@ -5,10 +5,11 @@ the runs support:
 
 1. eta law: loss = a + b log2(eta) for one variant at one backbone and training amount;
    b is the loss change per doubling of token parameters.
-2. isoFLOPs: per (variant, budget) a quadratic in log10 N_c gives the compute-optimal
-   (N_opt, L_opt); per variant the frontier log2 L_opt = m log10 C + k (the paper's axes);
-   between baseline and treatment the compute saving at equal loss and the loss gap at equal
-   compute, with bootstrap intervals.
+2. isoFLOPs: per (profile, budget) a quadratic in log10 N_c gives the compute-optimal
+   (N_opt, L_opt); per profile the frontier log2 L_opt = m log10 C + k (the paper's axes);
+   between baseline and each other profile the compute saving at equal loss and the loss gap
+   at equal compute, with parametric-bootstrap intervals. A profile is a variant, split by
+   any other sweep axis its runs differ on (never pooled across, say, table sizes).
 3. parametric: L(N, D) = E + A / N^alpha + B / D^beta by a Huber loss on log residuals, and
    with N_eff = N_c (1 + eta gamma).
 
@@ -50,6 +51,8 @@ RESULT_FIELDS = {
     "flops": "num", "final_val_loss": "num", "best_val_loss": "num", "curve": "curve",
     "config": "dict",
 }  # fmt: skip
+# Optional fields and their defaults: a sweep's axis labels split isoFLOP profiles.
+OPTIONAL_FIELDS = {"labels": {}}
 _POSITIVE = {"N_c", "N_c_total", "tokens", "flops", "budget"}
 _NON_NEGATIVE = {"N_n", "eta", "rho"}
 
@@ -119,6 +122,10 @@ def load_results(path: str | Path) -> list[dict]:
                 run[key] = _field_value(key, record[key], kind)
             except ValueError as err:
                 raise FitError(f"{where}: field {key!r} {err}") from None
+        labels = record.get("labels", OPTIONAL_FIELDS["labels"])
+        if not isinstance(labels, dict):
+            raise FitError(f"{where}: field 'labels' must be an object")
+        run["labels"] = {str(k): str(v) for k, v in labels.items()}
         runs.append(run)
     if not runs:
         raise FitError(f"{file}: holds no results")
@@ -283,9 +290,15 @@ def fit_frontier(budgets, losses) -> LineFit:
 
 
 def compute_saving(base: LineFit, treat: LineFit, loss: float) -> float:
-    """1 - C_treat(L) / C_base(L): the compute the treatment saves to reach loss L."""
+    """1 - C_treat(L) / C_base(L): the compute the treatment saves to reach loss L.
+
+    NaN when a frontier does not fall with compute (slope >= 0): no compute reaches L."""
+    if base.slope >= 0 or treat.slope >= 0:
+        return math.nan
     y = math.log2(loss)
-    return 1 - 10 ** ((y - treat.intercept) / treat.slope - (y - base.intercept) / base.slope)
+    exponent = (y - treat.intercept) / treat.slope - (y - base.intercept) / base.slope
+    with np.errstate(over="ignore"):
+        return float(1 - np.power(10.0, exponent))
 
 
 def loss_gap(base: LineFit, treat: LineFit, compute: float) -> float:
@@ -295,14 +308,24 @@ def loss_gap(base: LineFit, treat: LineFit, compute: float) -> float:
 
 
 def comparison_points(base: LineFit, treat: LineFit, base_budgets, treat_budgets) -> dict:
-    """Where the two frontiers are compared: the loss range both lines span over their own
-    budgets (low, geometric mid, high) and the budget range (low, geometric mid, high)."""
+    """Where the two frontiers are compared (low, geometric mid, high of each range): the
+    losses both lines reach over their own budgets, and the budgets both were run at. Where
+    the ranges do not overlap, their union is used and `extrapolated` says so."""
     xb, xt = np.log10(base_budgets), np.log10(treat_budgets)
-    ends = [base(xb.min()), base(xb.max()), treat(xt.min()), treat(xt.max())]
-    y_lo, y_hi = float(min(ends)), float(max(ends))
-    x_lo, x_hi = float(min(xb.min(), xt.min())), float(max(xb.max(), xt.max()))
+    b_lo, b_hi = sorted(float(base(x)) for x in (xb.min(), xb.max()))
+    t_lo, t_hi = sorted(float(treat(x)) for x in (xt.min(), xt.max()))
+    y_lo, y_hi = max(b_lo, t_lo), min(b_hi, t_hi)
+    x_lo, x_hi = float(max(xb.min(), xt.min())), float(min(xb.max(), xt.max()))
+    extrapolated = []
+    if y_lo >= y_hi:
+        y_lo, y_hi = min(b_lo, t_lo), max(b_hi, t_hi)
+        extrapolated.append("loss")
+    if x_lo >= x_hi:
+        x_lo, x_hi = float(min(xb.min(), xt.min())), float(max(xb.max(), xt.max()))
+        extrapolated.append("compute")
     return {"loss": [2**y_lo, 2 ** ((y_lo + y_hi) / 2), 2**y_hi],
-            "compute": [10**x_lo, 10 ** ((x_lo + x_hi) / 2), 10**x_hi]}  # fmt: skip
+            "compute": [10**x_lo, 10 ** ((x_lo + x_hi) / 2), 10**x_hi],
+            "extrapolated": extrapolated}  # fmt: skip
 
 
 def compare_frontiers(base: LineFit, treat: LineFit, points: dict) -> dict:
@@ -318,38 +341,56 @@ def paper_frontier_check() -> dict:
     return {"points": points, **compare_frontiers(base, treat, points)}
 
 
-def _resample(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
-    # A resample keeping fewer than 3 sizes cannot place a quadratic: draw again.
-    for _ in range(1000):
-        idx = rng.integers(0, len(x), len(x))
-        if len(np.unique(x[idx])) >= 3:
-            return idx
-    raise FitError("bootstrap: cannot draw a resample with 3 backbone sizes")
+# Sweep axes that do not define an isoFLOP profile: the size axis it runs along, and seeds
+# (repeats of one point, pooled into the quadratic).
+_PROFILE_AXES_IGNORED = {"variant", "backbone", "seed"}
 
 
-def _frontiers(minima: dict[tuple, IsoMinimum]) -> dict[str, tuple[LineFit, list[float]]]:
+def profile_names(runs: list[dict]) -> list[str]:
+    """Each run's isoFLOP profile name: its variant, plus any other sweep axis on which that
+    variant's runs differ (``jtokm[tables=n16]``), so that no quadratic pools settings."""
+    values: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    for run in runs:
+        for axis, value in run.get("labels", {}).items():
+            if axis not in _PROFILE_AXES_IGNORED:
+                values[run["variant"]][axis].add(value)
+    names = []
+    for run in runs:
+        split = sorted(a for a, v in values[run["variant"]].items() if len(v) > 1)
+        extra = ",".join(f"{a}={run.get('labels', {})[a]}" for a in split)
+        names.append(f"{run['variant']}[{extra}]" if extra else run["variant"])
+    return names
+
+
+def _frontiers(minima: dict[tuple, IsoMinimum], compute: dict[tuple, float]
+               ) -> dict[str, tuple[LineFit, list[float]]]:  # fmt: skip
+    """Per profile: the line log2 L_opt vs log10 C through its minima, and the C values."""
     per_variant: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for (variant, budget), m in minima.items():
-        per_variant[variant].append((budget, m.loss_opt))
-    return {v: (fit_frontier(*zip(*pts, strict=True)), [b for b, _ in pts])
-            for v, pts in per_variant.items() if len({b for b, _ in pts}) >= 2}  # fmt: skip
+    for key, m in minima.items():
+        per_variant[key[0]].append((compute[key], m.loss_opt))
+    return {v: (fit_frontier(*zip(*pts, strict=True)), [c for c, _ in pts])
+            for v, pts in per_variant.items() if len({c for c, _ in pts}) >= 2}  # fmt: skip
 
 
 def isoflop_analysis(
     runs: list[dict], baseline: str, loss_field: str = "final_val_loss", bootstrap: int = 1000,
     seed: int = 0,
 ) -> tuple[dict | None, list[str]]:  # fmt: skip
-    """Minima per (variant, budget), frontier per variant, every variant against the
-    baseline, with bootstrap percentiles. Returns (section or None, notes)."""
+    """Minima per (profile, budget), frontier per profile, every profile against the
+    baseline, with bootstrap percentiles. Returns (section or None, notes).
+
+    A frontier point's compute is the geometric mean of its runs' actual training FLOPs (the
+    sweep rounds steps, so they differ slightly from the nominal budget that groups them)."""
     notes: list[str] = []
     grouped: dict[tuple, list[dict]] = defaultdict(list)
-    for run in runs:
-        if run["budget"] is not None:
-            grouped[(run["variant"], run["budget"])].append(run)
+    budgeted = [r for r in runs if r["budget"] is not None]
+    for run, name in zip(budgeted, profile_names(budgeted), strict=True):
+        grouped[(name, run["budget"])].append(run)
     if not grouped:
         return None, ["isoFLOPs: no run has a FLOP budget (sweep with budget: {flops: [...]})"]
     groups: dict[tuple, tuple] = {}
     minima: dict[tuple, IsoMinimum] = {}
+    compute: dict[tuple, float] = {}
     rows = []
     for (variant, budget), members in sorted(grouped.items(), key=lambda kv: kv[0]):
         x = np.log10([r["N_c"] for r in members])
@@ -365,68 +406,96 @@ def isoflop_analysis(
             notes.append(f"{label}: several eta values at one backbone are pooled")
         groups[(variant, budget)] = (x, loss)
         m = minima[(variant, budget)] = _minimum_log(x, loss)
+        compute[(variant, budget)] = float(10 ** np.mean(np.log10([r["flops"] for r in members])))
         # Tokens at the optimum: interpolate the group's own log D vs log N_c relation (the
         # sweep's FLOPs per token include attention and the head, so D is not C / 6N exactly).
         d_line = fit_line(x, np.log10([r["tokens"] for r in members]))
         rows.append({
-            "variant": variant, "budget": budget, "n_points": len(members),
-            "n_sizes": len(np.unique(x)), "N_opt": m.n_opt, "L_opt": m.loss_opt,
-            "D_opt": float(10 ** d_line(math.log10(m.n_opt))), "in_range": m.in_range,
-            "method": "quadratic" if m.in_range else "best observed", "reason": m.reason,
-            "coeffs": list(m.coeffs),
-            "flops_over_budget": float(np.median([r["flops"] for r in members]) / budget),
+            "variant": variant, "budget": budget, "compute": compute[(variant, budget)],
+            "n_points": len(members), "n_sizes": len(np.unique(x)), "N_opt": m.n_opt,
+            "L_opt": m.loss_opt, "D_opt": float(10 ** d_line(math.log10(m.n_opt))),
+            "in_range": m.in_range, "method": "quadratic" if m.in_range else "best observed",
+            "reason": m.reason, "coeffs": list(m.coeffs),
+            "flops_over_budget": compute[(variant, budget)] / budget,
         })  # fmt: skip
         if not m.in_range:
             notes.append(f"{label}: {m.reason}; used the best observed point")
-        if bootstrap > 0 and len(members) == 3:
-            notes.append(f"{label}: 3 runs at 3 sizes: every usable resample is the data "
-                         "itself, so the bootstrap shows no spread for it")  # fmt: skip
-    fronts = _frontiers(minima)
+    fronts = _frontiers(minima, compute)
     for variant in sorted({v for v, _ in minima} - set(fronts)):
         notes.append(f"isoFLOPs {variant}: minima at one budget only, no frontier line")
     for variant in sorted(v for v, (line, _) in fronts.items() if line.n == 2):
         notes.append(f"isoFLOPs {variant}: frontier through 2 budgets, R^2 = 1 by construction")
     frontiers = {}
-    for variant, (line, budgets) in fronts.items():
-        n_opt = fit_line(np.log10(budgets),
-                         [math.log10(minima[(variant, b)].n_opt) for b in budgets])
-        frontiers[variant] = {**asdict(line), "budgets": sorted(budgets),
+    for variant, (line, _) in fronts.items():
+        keys = sorted(k for k in minima if k[0] == variant)
+        n_opt = fit_line(np.log10([compute[k] for k in keys]),
+                         [math.log10(minima[k].n_opt) for k in keys])  # fmt: skip
+        frontiers[variant] = {**asdict(line), "budgets": [k[1] for k in keys],
+                              "compute": [compute[k] for k in keys],
+                              "fallback_points": sum(not minima[k].in_range for k in keys),
                               "n_opt_exponent": n_opt.slope}  # fmt: skip
     comparisons = {}
     if baseline in fronts:
         for variant in sorted(set(fronts) - {baseline}):
-            (b_line, b_budgets), (t_line, t_budgets) = fronts[baseline], fronts[variant]
-            points = comparison_points(b_line, t_line, b_budgets, t_budgets)
-            comparisons[variant] = {"points": points, **compare_frontiers(b_line, t_line, points)}
+            (b_line, b_compute), (t_line, t_compute) = fronts[baseline], fronts[variant]
+            points = comparison_points(b_line, t_line, b_compute, t_compute)
+            comparisons[variant] = {"points": points, **compare_frontiers(b_line, t_line, points),
+                                    "fallback_points": frontiers[baseline]["fallback_points"]
+                                    + frontiers[variant]["fallback_points"]}  # fmt: skip
+            if points["extrapolated"]:
+                notes.append(f"isoFLOPs {variant} vs {baseline}: the frontiers share no "
+                             f"{' or '.join(points['extrapolated'])} range; compared over the "
+                             "union (one line extrapolated)")  # fmt: skip
     elif fronts:
         notes.append(f"isoFLOPs: no frontier for baseline {baseline!r}: no comparisons")
     if not rows:
         return None, notes
     section = {"minima": rows, "frontiers": frontiers, "comparisons": comparisons}
     if bootstrap > 0 and frontiers:
-        section["bootstrap"] = _bootstrap(groups, fronts, baseline, comparisons, bootstrap, seed)
-        for variant, ci in section["bootstrap"]["slope_ci"].items():
-            frontiers[variant]["slope_ci"] = ci
-        for variant, cis in section["bootstrap"]["comparison_ci"].items():
-            comparisons[variant].update(cis)
+        boot = _bootstrap(groups, minima, compute, fronts, baseline, comparisons, bootstrap,
+                          seed)  # fmt: skip
+        if boot is None:
+            notes.append("isoFLOPs bootstrap: every profile has exactly 3 runs, which the "
+                         "quadratic fits exactly (no residual to estimate the noise from): no "
+                         "confidence intervals; add backbone sizes or seeds")  # fmt: skip
+        else:
+            section["bootstrap"] = boot
+            for variant, ci in boot["slope_ci"].items():
+                frontiers[variant]["slope_ci"] = ci
+            for variant, cis in boot["comparison_ci"].items():
+                comparisons[variant].update(cis)
     return section, notes
 
 
-def _bootstrap(groups: dict, fronts: dict, baseline: str, comparisons: dict, resamples: int,
-               seed: int) -> dict:  # fmt: skip
-    """Resample runs within each (variant, budget) group; redo minima, lines, comparisons.
-    Comparisons are evaluated at the point estimate's loss and compute points."""
+def _bootstrap(groups: dict, minima: dict, compute: dict, fronts: dict, baseline: str,
+               comparisons: dict, resamples: int, seed: int) -> dict | None:  # fmt: skip
+    """Parametric residual bootstrap: keep each profile's sizes, redraw its losses as its
+    fitted quadratic plus Gaussian noise with the residual spread pooled over all profiles,
+    and redo minima, lines and comparisons (at the point estimate's loss and compute points).
+
+    Resampling runs instead (the nonparametric bootstrap) breaks down at the 3-5 sizes an
+    isoFLOP profile has: with 3 every usable resample is the data itself, with 4 there are
+    five distinct fits and intervals undercover. None when no profile has a residual
+    degree of freedom (all exactly 3 runs)."""
+    fitted, sse, dof = {}, 0.0, 0
+    for key, (x, loss) in groups.items():
+        c2, c1, c0 = minima[key].coeffs
+        fitted[key] = c2 * x**2 + c1 * x + c0
+        sse += float(((loss - fitted[key]) ** 2).sum())
+        dof += len(x) - 3
+    if dof == 0:
+        return None
+    sigma = math.sqrt(sse / dof)
     rng = np.random.default_rng(seed)
     slopes: dict[str, list[float]] = defaultdict(list)
     stats: dict[str, dict[str, list]] = {v: defaultdict(list) for v in comparisons}
     fallbacks = 0
     for _ in range(resamples):
-        minima = {}
-        for key, (x, loss) in groups.items():
-            idx = _resample(rng, x)
-            minima[key] = _minimum_log(x[idx], loss[idx])
-            fallbacks += not minima[key].in_range
-        lines = {v: line for v, (line, _) in _frontiers(minima).items()}
+        drawn = {}
+        for key, (x, _) in groups.items():
+            drawn[key] = _minimum_log(x, fitted[key] + rng.normal(0.0, sigma, len(x)))
+            fallbacks += not drawn[key].in_range
+        lines = {v: line for v, (line, _) in _frontiers(drawn, compute).items()}
         for variant in fronts:
             slopes[variant].append(lines[variant].slope)
         for variant, comp in comparisons.items():
@@ -435,10 +504,12 @@ def _bootstrap(groups: dict, fronts: dict, baseline: str, comparisons: dict, res
                 stats[variant][name].append(triple)
 
     def ci(values) -> list:
-        return np.percentile(np.asarray(values), [2.5, 97.5], axis=0).T.tolist()
+        # nan where a drawn frontier did not fall with compute (no saving defined)
+        return np.nanpercentile(np.asarray(values, float), [2.5, 97.5], axis=0).T.tolist()
 
     return {
-        "resamples": resamples, "seed": seed,
+        "method": "parametric residual bootstrap", "resamples": resamples, "seed": seed,
+        "residual_sigma": sigma, "residual_dof": dof,
         "fallback_fraction": fallbacks / max(1, resamples * len(groups)),
         "slope_ci": {v: ci(s) for v, s in slopes.items()},
         "comparison_ci": {v: {f"{name}_ci": ci(vals) for name, vals in s.items()}
@@ -779,6 +850,9 @@ def format_report(result: dict) -> str:
             rows += [[f"loss gap at C = {comp:.3g}", _pct(g) + _ci(ci)]
                      for comp, g, ci in zip(c["points"]["compute"], c["loss_gap"], gap_ci,
                                             strict=True)]  # fmt: skip
+            if c.get("fallback_points"):
+                rows.append(["frontier points taken from a best observed run (biased up)",
+                             str(c["fallback_points"])])  # fmt: skip
             lines += [f"{variant} vs {result['baseline']} (1 - C_{variant}/C_base at equal loss; "
                       f"1 - L_{variant}/L_base at equal compute; low, mid, high):", "",
                       *_table(["quantity", "value"], rows)]  # fmt: skip
@@ -789,9 +863,11 @@ def format_report(result: dict) -> str:
                       "to quote.", ""]  # fmt: skip
         if "bootstrap" in iso:
             b = iso["bootstrap"]
-            lines += [f"Bootstrap: {b['resamples']} resamples of runs within each (variant, "
-                      f"budget), seed {b['seed']}; {_pct(b['fallback_fraction'])} of resampled "
-                      "minima fell back to the best observed point.", ""]  # fmt: skip
+            lines += [f"Bootstrap: {b['resamples']} parametric resamples (each profile's "
+                      "fitted quadratic plus Gaussian noise of the pooled residual spread, "
+                      f"sigma {b['residual_sigma']:.4f} on {b['residual_dof']} degrees of "
+                      f"freedom), seed {b['seed']}; {_pct(b['fallback_fraction'])} of "
+                      "resampled minima fell back to the best observed point.", ""]  # fmt: skip
     par = result["parametric"]
     if par:
         rows = [[name, f"{p['E']:.4f}", f"{p['A']:.4g}", f"{p['alpha']:.4f}", f"{p['B']:.4g}",
@@ -893,11 +969,13 @@ def write_plots(result: dict, runs: list[dict], directory: Path) -> list[str]:
         budgets = sorted({m["budget"] for m in iso["minima"]})
         variants = sorted({m["variant"] for m in iso["minima"]})
         styles = ["-", "--", ":", "-."]
+        budgeted = [r for r in runs if r["budget"] is not None]
+        named = list(zip(profile_names(budgeted), budgeted, strict=True))
         for m in iso["minima"]:
             colour = f"C{budgets.index(m['budget']) % 10}"
             style = styles[variants.index(m["variant"]) % len(styles)]
-            pts = [(r["N_c"], r[loss_key]) for r in runs
-                   if r["variant"] == m["variant"] and r["budget"] == m["budget"]]  # fmt: skip
+            pts = [(r["N_c"], r[loss_key]) for name, r in named
+                   if name == m["variant"] and r["budget"] == m["budget"]]  # fmt: skip
             ns, ls = zip(*pts, strict=True)
             ax.plot(ns, ls, "o" if style == "-" else "s", color=colour, ms=4, mfc="none")
             x = np.linspace(math.log10(min(ns)), math.log10(max(ns)), 60)
@@ -915,7 +993,7 @@ def write_plots(result: dict, runs: list[dict], directory: Path) -> list[str]:
         if iso["frontiers"]:
             fig, ax = plt.subplots(figsize=(6.5, 4.2))
             for i, (variant, f) in enumerate(iso["frontiers"].items()):
-                pts = [(m["budget"], m["L_opt"]) for m in iso["minima"] if m["variant"] == variant]
+                pts = [(m["compute"], m["L_opt"]) for m in iso["minima"] if m["variant"] == variant]
                 cs, ls = zip(*pts, strict=True)
                 ax.plot(np.log10(cs), np.log2(ls), "o", color=f"C{i}")
                 x = np.linspace(min(np.log10(cs)), max(np.log10(cs)), 20)

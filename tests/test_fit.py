@@ -24,6 +24,7 @@ from jtok.fit import (
     load_results,
     loss_gap,
     paper_frontier_check,
+    profile_names,
     run_fit,
 )
 
@@ -196,6 +197,61 @@ def test_paper_frontier_lines_give_about_31_percent_saving_and_2_2_percent_gap()
     assert by_hand == pytest.approx(0.305, abs=0.005)
 
 
+def test_comparison_stays_where_both_frontiers_have_data():
+    check = paper_frontier_check()
+    assert check["points"]["extrapolated"] == []
+    # The losses compared are reached by both lines over the paper's budgets.
+    for name, (m, k, _) in (("baseline", (-0.2016, 5.1334, 0)), ("jtokm", (-0.2009, 5.0881, 0))):
+        reached = sorted(k + m * math.log10(c) for c in (3e18, 3e20))
+        for loss in check["points"]["loss"]:
+            assert reached[0] - 1e-12 <= math.log2(loss) <= reached[1] + 1e-12, name
+
+
+def test_compute_saving_is_nan_for_a_frontier_that_does_not_fall_and_never_overflows():
+    falling = LineFit(-0.2, 5.0, 1.0, 3, math.nan)
+    flat = LineFit(0.0, 4.0, 1.0, 3, math.nan)
+    assert math.isnan(compute_saving(falling, flat, 3.0))
+    nearly_flat = LineFit(-1e-9, 5.0, 1.0, 3, math.nan)
+    assert compute_saving(falling, nearly_flat, 3.0) == -math.inf  # no OverflowError
+
+
+def test_profiles_split_on_other_sweep_axes_instead_of_pooling_them():
+    runs = isoflop_runs(sizes=4)
+    for run in runs:
+        run["labels"] = {"variant": run["variant"], "backbone": run["backbone"], "tables": "n8"}
+    # A second table size for the treatment only (a baseline ignores the table axis).
+    extra = [dict(r, labels=dict(r["labels"], tables="n16"), final_val_loss=r["final_val_loss"]
+                  - 0.01) for r in runs if r["variant"] == "jtokm"]  # fmt: skip
+    names = profile_names(runs + extra)
+    assert set(names) == {"baseline", "jtokm[tables=n8]", "jtokm[tables=n16]"}
+    section, notes = isoflop_analysis(runs + extra, "baseline", bootstrap=0)
+    assert set(section["frontiers"]) == {"baseline", "jtokm[tables=n8]", "jtokm[tables=n16]"}
+    assert all(m["n_points"] == 4 for m in section["minima"])  # nothing pooled
+    gaps = {v: c["loss_gap"][1] for v, c in section["comparisons"].items()}
+    assert gaps["jtokm[tables=n16]"] > gaps["jtokm[tables=n8]"]
+
+
+def test_no_interval_is_claimed_from_profiles_the_quadratic_fits_exactly():
+    section, notes = isoflop_analysis(isoflop_runs(sizes=3), "baseline", bootstrap=50)
+    assert "bootstrap" not in section
+    assert "compute_saving_ci" not in section["comparisons"]["jtokm"]
+    assert any("no confidence intervals" in n for n in notes)
+
+
+def test_bootstrap_intervals_cover_the_truth_with_four_sizes_per_budget():
+    # The nonparametric bootstrap undercovered here (five distinct fits per profile).
+    truth = 1 - 1 / (1 + ETA * GAMMA)
+    covered, widths = 0, []
+    for seed in range(12):
+        section, _ = isoflop_analysis(isoflop_runs(sizes=4, seed=seed, noise=0.004),
+                                      "baseline", bootstrap=150, seed=seed)  # fmt: skip
+        lo, hi = section["comparisons"]["jtokm"]["compute_saving_ci"][1]
+        covered += lo <= truth <= hi
+        widths.append(hi - lo)
+    assert covered >= 10  # 95% nominal; 12 trials
+    assert min(widths) > 0.01  # a real spread, not the data refitted
+
+
 def test_loss_gap_of_parallel_frontiers_is_the_intercept_shift():
     base = fit_frontier([1e18, 1e19, 1e20], [3.0, 3.0 * 2**-0.2, 3.0 * 2**-0.4])
     treat = fit_frontier([1e18, 1e19, 1e20], [2.9, 2.9 * 2**-0.2, 2.9 * 2**-0.4])
@@ -264,10 +320,14 @@ def test_load_results_reports_a_bad_json_line(tmp_path):
 
 
 def test_load_results_ignores_unknown_fields_and_blank_lines(tmp_path):
-    write_results(tmp_path, eta_sweep_runs()[:2], extra_lines=[""])
-    runs = load_results(tmp_path)
-    assert len(runs) == 2 and "labels" not in runs[0]
-    assert runs[0]["budget"] is None and isinstance(runs[0]["eta"], float)
+    runs = eta_sweep_runs()[:2]
+    runs[0]["machine"] = {"threads": 2}
+    del runs[1]["labels"]  # optional: results written without axis labels still load
+    write_results(tmp_path, runs, extra_lines=[""])
+    loaded = load_results(tmp_path)
+    assert len(loaded) == 2 and "machine" not in loaded[0]
+    assert loaded[0]["labels"] == {"eta": "0.0"} and loaded[1]["labels"] == {}
+    assert loaded[0]["budget"] is None and isinstance(loaded[0]["eta"], float)
 
 
 def test_run_fit_end_to_end_writes_json_report_and_figures(tmp_path):
