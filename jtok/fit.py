@@ -885,8 +885,8 @@ def format_report(result: dict) -> str:
             lines += [f"Adding gamma lowers the objective by {_pct(par['relative_improvement'])}.",
                       ""]
     lines += ["## Paper's frontier lines, our arithmetic", "",
-              "Evaluated at the low, geometric-mid and high end of the range they span over "
-              "3e18..3e20: compute saving " + ", ".join(
+              "Evaluated at the low, geometric-mid and high end of the loss range both lines "
+              "reach over 3e18..3e20: compute saving " + ", ".join(
                   _pct(s) for s in result["paper_check"]["compute_saving"])
               + "; loss gap " + ", ".join(_pct(g) for g in result["paper_check"]["loss_gap"])
               + " (the paper states 35% and 2.2%).", ""]  # fmt: skip
