@@ -146,12 +146,6 @@ class TokModConfig:
     # s = 1 made JTok-M worse than the baseline (Adam grew s at its top rate all run);
     # s = sqrt(d) made it better.
     scale_init: float | None = None
-
-    def initial_scale(self, d_model: int) -> float:
-        """The value s starts from (scale_init, or the kind's default)."""
-        if self.scale_init is not None:
-            return float(self.scale_init)
-        return math.sqrt(d_model) if self.kind == "jtokm" else 1.0
     router_init_std: float = 0.02  # JTok-M router R_l ~ N(0, std^2)
     # Ablation switches (METHOD.md calls both essential): False drops the L2 projection
     # of Eq 7 / Eq 12, or JTok-M's 1/sqrt(2 N_l) factor of Eq 13.
@@ -167,6 +161,12 @@ class TokModConfig:
     @property
     def enabled(self) -> bool:
         return self.kind != "none"
+
+    def initial_scale(self, d_model: int) -> float:
+        """The value s starts from (scale_init, or the kind's default)."""
+        if self.scale_init is not None:
+            return float(self.scale_init)
+        return math.sqrt(d_model) if self.kind == "jtokm" else 1.0
 
     @property
     def tables_per_layer(self) -> int:

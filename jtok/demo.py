@@ -69,14 +69,14 @@ def run_demo(out: Path, steps: int = 600, variants: list[str] | None = None,
         model_cfg = dataclasses.replace(demo_backbone(vocab), tokmod=VARIANTS[name])
         run_cfg = RunConfig(model=model_cfg, train=demo_train_config(data_dir, steps))
         run_dir = out / "runs" / name
+        done = read_metrics(run_dir)
         changed = config_differences(saved_config(run_dir), run_cfg)
-        if changed and read_metrics(run_dir):
+        if changed and done:
             # An older jtok's run (other defaults): neither reuse it nor train over it.
             raise DemoError(
                 f"{run_dir} was trained with another configuration ({changed[0]}); "
                 "pass a new --out, or delete that folder to retrain it"
             )
-        done = read_metrics(run_dir)
         finished = any(r.get("step") == steps and "val_loss" in r for r in done)
         if not finished:
             log(f"== {name}: {summarize(model_cfg)['token_params']:,} token parameters ==")

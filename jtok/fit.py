@@ -51,8 +51,6 @@ RESULT_FIELDS = {
     "flops": "num", "final_val_loss": "num", "best_val_loss": "num", "curve": "curve",
     "config": "dict",
 }  # fmt: skip
-# Optional fields and their defaults: a sweep's axis labels split isoFLOP profiles.
-OPTIONAL_FIELDS = {"labels": {}}
 _POSITIVE = {"N_c", "N_c_total", "tokens", "flops", "budget"}
 _NON_NEGATIVE = {"N_n", "eta", "rho"}
 
@@ -122,7 +120,7 @@ def load_results(path: str | Path) -> list[dict]:
                 run[key] = _field_value(key, record[key], kind)
             except ValueError as err:
                 raise FitError(f"{where}: field {key!r} {err}") from None
-        labels = record.get("labels", OPTIONAL_FIELDS["labels"])
+        labels = record.get("labels", {})  # optional: a sweep's axis labels split profiles
         if not isinstance(labels, dict):
             raise FitError(f"{where}: field 'labels' must be an object")
         run["labels"] = {str(k): str(v) for k, v in labels.items()}
@@ -417,6 +415,7 @@ def isoflop_analysis(
             "in_range": m.in_range, "method": "quadratic" if m.in_range else "best observed",
             "reason": m.reason, "coeffs": list(m.coeffs),
             "flops_over_budget": compute[(variant, budget)] / budget,
+            "points": [[r["N_c"], r[loss_field]] for r in members],
         })  # fmt: skip
         if not m.in_range:
             notes.append(f"{label}: {m.reason}; used the best observed point")
@@ -479,8 +478,7 @@ def _bootstrap(groups: dict, minima: dict, compute: dict, fronts: dict, baseline
     degree of freedom (all exactly 3 runs)."""
     fitted, sse, dof = {}, 0.0, 0
     for key, (x, loss) in groups.items():
-        c2, c1, c0 = minima[key].coeffs
-        fitted[key] = c2 * x**2 + c1 * x + c0
+        fitted[key] = np.polyval(minima[key].coeffs, x)
         sse += float(((loss - fitted[key]) ** 2).sum())
         dof += len(x) - 3
     if dof == 0:
@@ -969,14 +967,10 @@ def write_plots(result: dict, runs: list[dict], directory: Path) -> list[str]:
         budgets = sorted({m["budget"] for m in iso["minima"]})
         variants = sorted({m["variant"] for m in iso["minima"]})
         styles = ["-", "--", ":", "-."]
-        budgeted = [r for r in runs if r["budget"] is not None]
-        named = list(zip(profile_names(budgeted), budgeted, strict=True))
         for m in iso["minima"]:
             colour = f"C{budgets.index(m['budget']) % 10}"
             style = styles[variants.index(m["variant"]) % len(styles)]
-            pts = [(r["N_c"], r[loss_key]) for name, r in named
-                   if name == m["variant"] and r["budget"] == m["budget"]]  # fmt: skip
-            ns, ls = zip(*pts, strict=True)
+            ns, ls = zip(*m["points"], strict=True)
             ax.plot(ns, ls, "o" if style == "-" else "s", color=colour, ms=4, mfc="none")
             x = np.linspace(math.log10(min(ns)), math.log10(max(ns)), 60)
             c2, c1, c0 = m["coeffs"]

@@ -265,10 +265,10 @@ def run_sweep(
     write_json_atomic(out / "spec.json", spec)
     done = finished_runs(out)
     for run in mine:  # check the whole share first: fail before any run starts
+        run_dir = out / "runs" / run.name
         if run.name in done:
             _refuse_changed(run, str(out / RESULTS_FILE), done[run.name])
-        elif latest_checkpoint(out / "runs" / run.name) is not None:
-            run_dir = out / "runs" / run.name
+        elif latest_checkpoint(run_dir) is not None:
             _refuse_changed(run, str(run_dir), saved_config(run_dir))
     for i, run in enumerate(mine):
         if run.name in done:
