@@ -322,7 +322,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from jtok.sweep import describe, parse_shard, run_sweep
 
     runs = run_sweep(args.spec, args.out, shard=parse_shard(args.shard), dry_run=args.dry_run,
-                     progress=not args.no_progress,
+                     progress=not args.no_progress, only=args.only,
                      log=lambda msg: print(msg, file=sys.stderr))  # fmt: skip
     if args.dry_run:
         print(describe(runs))
@@ -427,11 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every training of a sweep spec (YAML/JSON: base config, axes, "
         "budget in tokens or FLOPs; see jtok/sweep.py) into OUT/runs/, appending one line "
         "per finished run to OUT/results.jsonl for `jtok fit`. Re-running skips finished "
-        "runs and resumes interrupted ones.",
+        "runs and resumes interrupted ones. Several processes may run the same spec and "
+        "OUT at once: each locks the run it trains and passes over runs locked by another.",
     )
     sw.add_argument("spec", type=Path, help="sweep spec (YAML or JSON)")
     sw.add_argument("--out", type=Path, required=True, help="sweep directory")
     sw.add_argument("--shard", help="I/N: run only every N-th run starting at I (0-based)")
+    sw.add_argument("--only", action="append", metavar="GLOB",
+                    help="run only runs whose names match (shell pattern, e.g. '*d24*'; "
+                    "repeatable)")
     sw.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     sw.add_argument("--no-progress", action="store_true")
     sw.set_defaults(handler=cmd_sweep)

@@ -22,12 +22,18 @@ Each run trains through the normal trainer into OUT/runs/<name>/ and, when finis
 appends one line to OUT/results.jsonl (the input of `jtok fit`) with its config, N_c,
 N_n, eta, rho, tokens D, training FLOPs C, final and best validation loss, and curve.
 Re-running skips finished runs and resumes interrupted ones from their checkpoints.
-Runs are independent: `--shard i/n` lets n processes split one grid.
+Runs are independent, so several processes may share one grid: each takes a run by
+locking OUT/runs/<name>.lock and passes over runs locked by another, so N processes started
+on the same spec and OUT split the work between them as they go (no run is trained twice).
+`--shard i/n` instead gives each process a fixed share, and `--only GLOB` the runs whose
+names match (e.g. a size added to the spec later).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import fnmatch
 import itertools
 import json
 import math
@@ -164,8 +170,12 @@ def finished_runs(out: Path) -> dict[str, dict[str, Any]]:
     path = Path(out) / RESULTS_FILE
     if not path.is_file():
         return {}
+    with open(path) as f:  # shared lock: never read a line another process is appending
+        fcntl.flock(f, fcntl.LOCK_SH)
+        text = f.read()
+        fcntl.flock(f, fcntl.LOCK_UN)
     finished = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -249,17 +259,49 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
-def run_sweep(
-    spec_path: Path, out: Path, shard: tuple[int, int] = (0, 1), dry_run: bool = False,
-    progress: bool = True, log=print,
-) -> list[PlannedRun]:  # fmt: skip
-    spec = load_mapping(spec_path, "sweep spec")
-    runs = plan(spec)
-    out = Path(out)
+@contextlib.contextmanager
+def claim_run(out: Path, name: str):
+    """Yield True while this process holds `name`'s lock, False if another process holds it.
+
+    The lock file sits beside the run directory (a fresh run may clear its directory), and
+    the kernel drops the lock when its holder dies, so a killed sweep never leaves a run
+    claimed."""
+    lock_dir = Path(out) / "runs"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def select_runs(runs: list[PlannedRun], shard: tuple[int, int],
+                only: list[str] | None) -> list[PlannedRun]:  # fmt: skip
     index, count = shard
     mine = [r for i, r in enumerate(runs) if i % count == index]
+    if only:
+        for pattern in only:
+            if not any(fnmatch.fnmatchcase(r.name, pattern) for r in runs):
+                raise SweepError(f"--only {pattern!r} matches no run of the spec "
+                                 f"(names look like {runs[0].name})")  # fmt: skip
+        mine = [r for r in mine if any(fnmatch.fnmatchcase(r.name, p) for p in only)]
+    return mine
+
+
+def run_sweep(
+    spec_path: Path, out: Path, shard: tuple[int, int] = (0, 1), dry_run: bool = False,
+    progress: bool = True, log=print, only: list[str] | None = None,
+) -> list[PlannedRun]:  # fmt: skip
+    spec = load_mapping(spec_path, "sweep spec")
+    mine = select_runs(plan(spec), shard, only)
     if dry_run:
         return mine
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # The copy follows the spec that last ran here: a grid may grow between sessions.
     write_json_atomic(out / "spec.json", spec)
@@ -273,13 +315,25 @@ def run_sweep(
     for i, run in enumerate(mine):
         if run.name in done:
             continue
-        run_dir = out / "runs" / run.name
-        resume = latest_checkpoint(run_dir) is not None
-        log(f"[{i + 1}/{len(mine)}] {run.name}: {run.config.train.steps} steps, "
-            f"{run.tokens:.3g} tokens, {run.flops:.3g} FLOPs" + (" (resuming)" if resume else ""))
-        train(run.config, run_dir, resume=resume, overwrite=not resume, progress=progress,
-              log=log)  # fmt: skip
-        append_result(out, result_record(run, run_dir))
+        with claim_run(out, run.name) as claimed:
+            if not claimed:
+                log(f"[{i + 1}/{len(mine)}] {run.name}: running in another process, passed over")
+                continue
+            # Another process may have finished it between our first read and the lock.
+            finished = finished_runs(out)
+            if run.name in finished:
+                _refuse_changed(run, str(out / RESULTS_FILE), finished[run.name])
+                continue
+            run_dir = out / "runs" / run.name
+            resume = latest_checkpoint(run_dir) is not None
+            if resume:
+                _refuse_changed(run, str(run_dir), saved_config(run_dir))
+            log(f"[{i + 1}/{len(mine)}] {run.name}: {run.config.train.steps} steps, "
+                f"{run.tokens:.3g} tokens, {run.flops:.3g} FLOPs"
+                + (" (resuming)" if resume else ""))  # fmt: skip
+            train(run.config, run_dir, resume=resume, overwrite=not resume,
+                  progress=progress, log=log)  # fmt: skip
+            append_result(out, result_record(run, run_dir))
     return mine
 
 

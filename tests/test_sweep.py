@@ -4,7 +4,7 @@ import pytest
 
 from jtok.cli import main
 from jtok.flops import count_flops
-from jtok.sweep import SweepError, finished_runs, plan, run_sweep
+from jtok.sweep import SweepError, claim_run, finished_runs, plan, run_sweep
 
 
 def spec_dict(data_dir, budget=None):
@@ -141,3 +141,38 @@ def test_a_changed_spec_does_not_mix_with_runs_already_done(tiny_data, tmp_path)
     with pytest.raises(SweepError, match=r"runs.jtokm__D256 .*table_lr_mult"):
         run_sweep(path, out, progress=False, log=lambda m: None)
     assert main(["sweep", str(path), "--out", str(out)]) == 2
+
+
+def test_a_run_locked_by_another_process_is_passed_over(tiny_data, tmp_path):
+    spec = spec_dict(tiny_data, budget={"tokens": [256]})
+    spec["axes"]["backbone"] = {"d64": {}}
+    path = write_spec(tmp_path, spec)
+    out = tmp_path / "sweep"
+    logged = []
+    # Hold baseline's claim as a second sweep process would while it trains it.
+    with claim_run(out, "baseline__d64__D256") as claimed:
+        assert claimed
+        with claim_run(out, "baseline__d64__D256") as again:
+            assert not again  # a second claim on the same run fails while the first holds
+        run_sweep(path, out, progress=False, log=logged.append)
+    assert set(finished_runs(out)) == {"jtokm__d64__D256"}
+    assert not (out / "runs" / "baseline__d64__D256" / "metrics.jsonl").exists()
+    assert any("baseline__d64__D256: running in another process" in m for m in logged)
+    # Released (as when its holder finishes or dies), the next sweep takes it.
+    run_sweep(path, out, progress=False, log=lambda m: None)
+    assert set(finished_runs(out)) == {"baseline__d64__D256", "jtokm__d64__D256"}
+
+
+def test_only_selects_runs_by_name_pattern(tiny_data, tmp_path):
+    path = write_spec(tmp_path, spec_dict(tiny_data))
+    chosen = run_sweep(path, tmp_path / "s", dry_run=True, only=["*d32*"])
+    assert sorted(r.name for r in chosen) == sorted(
+        f"{v}__d32__D{t}" for v in ("baseline", "jtokm") for t in (256, 512))
+    both = run_sweep(path, tmp_path / "s", dry_run=True,
+                     only=["jtokm__d64*", "baseline__d32__D256"])
+    assert sorted(r.name for r in both) == ["baseline__d32__D256", "jtokm__d64__D256",
+                                            "jtokm__d64__D512"]
+    with pytest.raises(SweepError, match="--only 'd24' matches no run"):
+        run_sweep(path, tmp_path / "s", dry_run=True, only=["d24"])
+    args = ["sweep", str(path), "--out", str(tmp_path / "s"), "--only", "x*", "--dry-run"]
+    assert main(args) == 2
