@@ -23,6 +23,8 @@ from jtok.fit import (
     isoflop_minimum,
     load_results,
     loss_gap,
+    paired_gains,
+    paired_summary,
     paper_frontier_check,
     profile_names,
     run_fit,
@@ -115,6 +117,27 @@ def test_eta_laws_fit_each_backbone_with_its_baseline_and_skip_two_point_groups(
     assert laws[0]["baseline_loss"] == pytest.approx(3.30)
     assert laws[0]["relative_gain_at_max_eta"] == pytest.approx(
         1 - laws[0]["losses"][-1] / 3.30)
+
+
+def test_paired_summary_counts_wins_and_gives_a_t_interval_and_sign_test():
+    def run(variant, backbone, loss, budget=1e12):
+        return {"variant": variant, "backbone": backbone, "budget": budget, "tokens": 1e6,
+                "eta": 0.0 if variant == "baseline" else 4.0, "final_val_loss": loss}
+
+    gains = [0.01, 0.02, 0.03, 0.04, -0.01]
+    runs = [run("baseline", f"b{i}", 5.0) for i in range(5)]
+    runs += [run("jtokm", f"b{i}", 5.0 * (1 - g)) for i, g in enumerate(gains)]
+    runs += [run("jtok", "b0", 4.9)]  # one setting: no spread, no interval
+    summary = paired_summary(paired_gains(runs, "baseline"))
+    s = summary["jtokm"]
+    assert (s["pairs"], s["wins"]) == (5, 4)
+    assert s["mean_gain"] == pytest.approx(np.mean(gains))
+    assert s["sd"] == pytest.approx(np.std(gains, ddof=1))
+    half = 2.7764451 * s["sd"] / math.sqrt(5)  # t(0.975, 4 dof)
+    assert s["mean_gain_ci"] == pytest.approx([np.mean(gains) - half, np.mean(gains) + half])
+    assert s["sign_test_p"] == pytest.approx(2 * 6 / 32)  # P(>= 4 of 5 or <= 1 of 5)
+    one = summary["jtok"]
+    assert (one["pairs"], one["wins"], one["sd"], one["mean_gain_ci"]) == (1, 1, None, None)
 
 
 # ---- (2) isoFLOPs ------------------------------------------------------------------------
@@ -340,6 +363,7 @@ def test_run_fit_end_to_end_writes_json_report_and_figures(tmp_path):
     assert result["parametric"]["effective"]["gamma"] is not None
     report = (sweep / "REPORT_fit.md").read_text()
     assert "compute saving at equal loss" in report and "95% CI" in report
+    assert "Over all matched settings" in report
     for name in ("fit_eta.png", "fit_isoflops.png", "fit_frontier.png", "fit_parametric.png"):
         assert (sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert name in result["files"]
