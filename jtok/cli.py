@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -497,13 +498,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.preset_given = getattr(args, "preset", None) is not None
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
+        return code
     except JTokError as err:
         print(f"jtok {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"jtok {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `jtok ... | head`: the reader left; quietly stop writing (and keep Python from
+        # complaining again while it flushes stdout at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

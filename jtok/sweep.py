@@ -15,6 +15,8 @@ A spec (YAML or JSON) names a base run config, any number of axes, and a budget:
     budget: {flops: [1e14, 3e14]}   # or {tokens: [...]}; steps follow from the budget
     warmup_fraction: 0.05           # optional: warmup as a share of each run's steps
     evals_per_run: 4                # optional: validation points on each run's curve
+    exclude:                        # optional: grid points to leave out, each matched on
+      - {backbone: d96-L3, budget: 1e14}    # axis values (a name or a list) and budgets
 
 A grid point whose resolved config equals an earlier one's is dropped (the baseline of an
 eta sweep does not depend on the table-size axis), so such axes cost nothing extra.
@@ -60,7 +62,7 @@ from jtok.flops import count_flops, summarize
 from jtok.train import read_metrics, saved_config, train
 
 RESULTS_FILE = "results.jsonl"
-SPEC_KEYS = {"name", "base", "axes", "budget", "warmup_fraction", "evals_per_run"}
+SPEC_KEYS = {"name", "base", "axes", "budget", "warmup_fraction", "evals_per_run", "exclude"}
 
 
 class SweepError(JTokError):
@@ -106,6 +108,48 @@ def _deep_merge(into: dict, update: dict) -> dict:
     return out
 
 
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _exclusions(entries: Any, axes: dict[str, dict]) -> list:
+    """The spec's `exclude` entries as predicates on (labels, budget): an entry drops a grid
+    point when every axis it names has one of the listed values (and the budget, if named,
+    is one of the listed budgets). Names are checked, so a typo cannot silently exclude
+    nothing."""
+    if entries is None:
+        return []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and e for e in entries):
+        raise SweepError("sweep spec: exclude must be a list of non-empty mappings")
+    rules = []
+    for entry in entries:
+        wanted: dict[str, set] = {}
+        budgets: set[float] | None = None
+        for key, value in entry.items():
+            if key == "budget":
+                try:
+                    budgets = {float(v) for v in _as_list(value)}
+                except (TypeError, ValueError):
+                    raise SweepError(f"sweep spec: exclude budget {value!r} is not a number"
+                                     ) from None  # fmt: skip
+                continue
+            if key not in axes:
+                raise SweepError(f"sweep spec: exclude names unknown axis {key!r} "
+                                 f"(axes: {sorted(axes)})")  # fmt: skip
+            names = {str(v) for v in _as_list(value)}
+            unknown = sorted(names - {str(k) for k in axes[key]})
+            if unknown:
+                raise SweepError(f"sweep spec: exclude names unknown {key} value {unknown[0]!r}")
+            wanted[key] = names
+
+        def rule(labels: dict[str, str], amount: float, wanted=wanted, budgets=budgets) -> bool:
+            return all(labels[axis] in names for axis, names in wanted.items()) and (
+                budgets is None or any(math.isclose(amount, b, rel_tol=1e-9) for b in budgets))
+
+        rules.append(rule)
+    return rules
+
+
 def plan(spec: dict[str, Any]) -> list[PlannedRun]:
     """Every run of the grid, in a fixed order, with its resolved config."""
     unknown = sorted(set(spec) - SPEC_KEYS)
@@ -128,6 +172,7 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
             raise SweepError(f"sweep spec: axis {axis!r} must map value names to overrides")
     warmup_fraction = spec.get("warmup_fraction")
     evals = int(spec.get("evals_per_run", 4))
+    excluded = _exclusions(spec.get("exclude"), axes)
     runs, seen_configs = [], set()
     for combo in itertools.product(*[list(opts.items()) for opts in axes.values()]):
         overrides: dict[str, Any] = {}
@@ -140,6 +185,8 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
         except ConfigError as err:
             raise SweepError(f"sweep spec axes {labels}: {err}") from None
         for amount in values:
+            if any(rule(labels, amount) for rule in excluded):
+                continue
             tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
             if kind == "flops":
                 tokens = amount / count_flops(cfg.model, cfg.train.seq_len).train

@@ -87,3 +87,13 @@ def test_console_entry_point_help():
         assert "usage: jtok" in done.stdout
     assert "--set" in subprocess.run([sys.executable, "-m", "jtok", "info", "--help"],
                                      capture_output=True, text=True).stdout  # fmt: skip
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    # As in `jtok info | head -1`: the reader is gone before jtok writes.
+    proc = subprocess.Popen([sys.executable, "-m", "jtok", "info", "--preset", "tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141
+    assert "Traceback" not in err and "Exception ignored" not in err

@@ -55,6 +55,10 @@ def test_plan_is_the_cartesian_product_with_steps_from_the_budget(tiny_data):
         (lambda s: s.update(colour=1), "unknown key"),
         (lambda s: s["axes"]["variant"].update(bad={"model.tokmod.top_k": 9}), "top_k"),
         (lambda s: s["axes"].update(empty={}), "axis 'empty'"),
+        (lambda s: s.update(exclude={"backbone": "d32"}), "exclude must be a list"),
+        (lambda s: s.update(exclude=[{"size": "d32"}]), "unknown axis 'size'"),
+        (lambda s: s.update(exclude=[{"backbone": "d24"}]), "unknown backbone value 'd24'"),
+        (lambda s: s.update(exclude=[{"budget": "lots"}]), "exclude budget 'lots'"),
     ],
 )
 def test_invalid_specs_are_rejected_with_the_part_named(tiny_data, mutate, message):
@@ -106,6 +110,17 @@ def test_sweep_cli_dry_run_and_errors(tiny_data, tmp_path, capsys):
     assert not (tmp_path / "s").exists()
     assert main(["sweep", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "s")]) == 2
     assert main(["sweep", str(path), "--out", str(tmp_path / "s"), "--shard", "3/2"]) == 2
+
+
+def test_exclude_drops_the_matching_grid_points_only(tiny_data):
+    spec = spec_dict(tiny_data)
+    full = {r.name for r in plan(spec)}
+    # d32 only at the smaller budget; and no JTok-M at d64 at all.
+    spec["exclude"] = [{"backbone": "d32", "budget": 512},
+                       {"variant": ["jtokm"], "backbone": "d64"}]  # fmt: skip
+    kept = {r.name for r in plan(spec)}
+    assert full - kept == {"baseline__d32__D512", "jtokm__d32__D512",
+                           "jtokm__d64__D256", "jtokm__d64__D512"}  # fmt: skip
 
 
 def test_grid_points_with_identical_configs_run_once(tiny_data):
