@@ -112,26 +112,32 @@ def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def _exclusions(entries: Any, axes: dict[str, dict]) -> list:
-    """The spec's `exclude` entries as predicates on (labels, budget): an entry drops a grid
-    point when every axis it names has one of the listed values (and the budget, if named,
-    is one of the listed budgets). Names are checked, so a typo cannot silently exclude
-    nothing."""
+Exclusion = tuple[dict[str, set[str]], list[float] | None]  # axis -> value names; budgets
+
+
+def _exclusions(entries: Any, axes: dict[str, dict], budgets: list[float]) -> list[Exclusion]:
+    """The spec's `exclude` entries, checked against its axes and budgets so that a typo
+    cannot silently exclude nothing. An entry drops a grid point when every axis it names
+    has one of the listed values and (if it names budgets) the budget is one of them."""
     if entries is None:
         return []
     if not isinstance(entries, list) or not all(isinstance(e, dict) and e for e in entries):
         raise SweepError("sweep spec: exclude must be a list of non-empty mappings")
     rules = []
     for entry in entries:
-        wanted: dict[str, set] = {}
-        budgets: set[float] | None = None
+        wanted: dict[str, set[str]] = {}
+        chosen: list[float] | None = None
         for key, value in entry.items():
             if key == "budget":
                 try:
-                    budgets = {float(v) for v in _as_list(value)}
+                    chosen = [float(v) for v in _as_list(value)]
                 except (TypeError, ValueError):
                     raise SweepError(f"sweep spec: exclude budget {value!r} is not a number"
                                      ) from None  # fmt: skip
+                missing = [b for b in chosen if not any(_same_budget(b, v) for v in budgets)]
+                if missing:
+                    raise SweepError(f"sweep spec: exclude budget {missing[0]:g} is not one of "
+                                     f"the spec's budgets")  # fmt: skip
                 continue
             if key not in axes:
                 raise SweepError(f"sweep spec: exclude names unknown axis {key!r} "
@@ -141,13 +147,18 @@ def _exclusions(entries: Any, axes: dict[str, dict]) -> list:
             if unknown:
                 raise SweepError(f"sweep spec: exclude names unknown {key} value {unknown[0]!r}")
             wanted[key] = names
-
-        def rule(labels: dict[str, str], amount: float, wanted=wanted, budgets=budgets) -> bool:
-            return all(labels[axis] in names for axis, names in wanted.items()) and (
-                budgets is None or any(math.isclose(amount, b, rel_tol=1e-9) for b in budgets))
-
-        rules.append(rule)
+        rules.append((wanted, chosen))
     return rules
+
+
+def _same_budget(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+def _is_excluded(labels: dict[str, str], amount: float, rules: list[Exclusion]) -> bool:
+    return any(all(labels[axis] in names for axis, names in wanted.items())
+               and (chosen is None or any(_same_budget(amount, b) for b in chosen))
+               for wanted, chosen in rules)  # fmt: skip
 
 
 def plan(spec: dict[str, Any]) -> list[PlannedRun]:
@@ -172,7 +183,7 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
             raise SweepError(f"sweep spec: axis {axis!r} must map value names to overrides")
     warmup_fraction = spec.get("warmup_fraction")
     evals = int(spec.get("evals_per_run", 4))
-    excluded = _exclusions(spec.get("exclude"), axes)
+    excluded = _exclusions(spec.get("exclude"), axes, values)
     runs, seen_configs = [], set()
     for combo in itertools.product(*[list(opts.items()) for opts in axes.values()]):
         overrides: dict[str, Any] = {}
@@ -185,7 +196,7 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
         except ConfigError as err:
             raise SweepError(f"sweep spec axes {labels}: {err}") from None
         for amount in values:
-            if any(rule(labels, amount) for rule in excluded):
+            if _is_excluded(labels, amount, excluded):
                 continue
             tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
             if kind == "flops":
@@ -306,6 +317,15 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
+def _check_recorded(run: PlannedRun, out: Path, finished: dict[str, dict]) -> None:
+    """Refuse a run whose result line or checkpoint was made under another config."""
+    run_dir = out / "runs" / run.name
+    if run.name in finished:
+        _refuse_changed(run, str(out / RESULTS_FILE), finished[run.name])
+    elif latest_checkpoint(run_dir) is not None:
+        _refuse_changed(run, str(run_dir), saved_config(run_dir))
+
+
 @contextlib.contextmanager
 def claim_run(out: Path, name: str):
     """Yield True while this process holds `name`'s lock, False if another process holds it.
@@ -354,11 +374,7 @@ def run_sweep(
     write_json_atomic(out / "spec.json", spec)
     done = finished_runs(out)
     for run in mine:  # check the whole share first: fail before any run starts
-        run_dir = out / "runs" / run.name
-        if run.name in done:
-            _refuse_changed(run, str(out / RESULTS_FILE), done[run.name])
-        elif latest_checkpoint(run_dir) is not None:
-            _refuse_changed(run, str(run_dir), saved_config(run_dir))
+        _check_recorded(run, out, done)
     for i, run in enumerate(mine):
         if run.name in done:
             continue
@@ -366,15 +382,13 @@ def run_sweep(
             if not claimed:
                 log(f"[{i + 1}/{len(mine)}] {run.name}: running in another process, passed over")
                 continue
-            # Another process may have finished it between our first read and the lock.
+            # Another process may have finished or started it since the first check.
             finished = finished_runs(out)
+            _check_recorded(run, out, finished)
             if run.name in finished:
-                _refuse_changed(run, str(out / RESULTS_FILE), finished[run.name])
                 continue
             run_dir = out / "runs" / run.name
             resume = latest_checkpoint(run_dir) is not None
-            if resume:
-                _refuse_changed(run, str(run_dir), saved_config(run_dir))
             log(f"[{i + 1}/{len(mine)}] {run.name}: {run.config.train.steps} steps, "
                 f"{run.tokens:.3g} tokens, {run.flops:.3g} FLOPs"
                 + (" (resuming)" if resume else ""))  # fmt: skip

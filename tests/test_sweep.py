@@ -59,6 +59,7 @@ def test_plan_is_the_cartesian_product_with_steps_from_the_budget(tiny_data):
         (lambda s: s.update(exclude=[{"size": "d32"}]), "unknown axis 'size'"),
         (lambda s: s.update(exclude=[{"backbone": "d24"}]), "unknown backbone value 'd24'"),
         (lambda s: s.update(exclude=[{"budget": "lots"}]), "exclude budget 'lots'"),
+        (lambda s: s.update(exclude=[{"budget": 300}]), "exclude budget 300 is not one of"),
     ],
 )
 def test_invalid_specs_are_rejected_with_the_part_named(tiny_data, mutate, message):

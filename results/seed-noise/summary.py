@@ -9,12 +9,13 @@ import json
 import statistics
 from pathlib import Path
 
+from jtok.fit import load_results
+
 HERE = Path(__file__).parent
 
 
 def main() -> None:
-    runs = [json.loads(line) for line in (HERE / "results.jsonl").read_text().splitlines()
-            if line.strip()]  # fmt: skip
+    runs = load_results(HERE)  # the validated reader of `jtok fit`
     by_variant: dict[str, dict[str, float]] = {}
     for r in runs:
         by_variant.setdefault(r["variant"], {})[r["labels"]["seed"]] = r["final_val_loss"]
