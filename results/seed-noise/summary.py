@@ -1,6 +1,6 @@
 """Seed spread of results/seed-noise: per variant the mean, standard deviation and range of
 the final validation loss over seeds, and the per-seed JTok-M - baseline difference (the same
-seed gives both the same batches). Writes summary.json beside results.jsonl and prints it.
+seed gives both the same batches) with a 95% t interval on its mean. Writes summary.json beside results.jsonl and prints it.
 
     python3 results/seed-noise/summary.py
 """
@@ -9,9 +9,20 @@ import json
 import statistics
 from pathlib import Path
 
+from scipy import stats
+
 from jtok.fit import load_results
 
 HERE = Path(__file__).parent
+
+
+def t_interval(values: list[float]) -> list[float] | None:
+    """95% Student t interval on the mean (None below two values)."""
+    if len(values) < 2:
+        return None
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    mean = statistics.mean(values)
+    return [mean - half, mean + half]
 
 
 def main() -> None:
@@ -36,15 +47,19 @@ def main() -> None:
             "seeds": shared, "jtokm_minus_baseline": diffs,
             "mean": statistics.mean(diffs),
             "sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
+            "mean_ci95": t_interval(diffs),
+            "relative_gains": gains,
             "relative_gain_mean": statistics.mean(gains),
+            "relative_gain_ci95": t_interval(gains),
         }  # fmt: skip
     (HERE / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for variant, s in summary.items():
         sd = "n/a" if s["sd"] is None else f"{s['sd']:.4f}"
         if variant == "paired":
-            gain = 100 * s["relative_gain_mean"]
+            gain, ci = 100 * s["relative_gain_mean"], s["relative_gain_ci95"]
+            ci_text = "" if ci is None else f" [95% CI {100 * ci[0]:.2f}%, {100 * ci[1]:.2f}%]"
             print(f"jtokm - baseline, same seed: mean {s['mean']:+.4f}, sd {sd} over "
-                  f"{len(s['seeds'])} seeds; mean gain {gain:.2f}%")  # fmt: skip
+                  f"{len(s['seeds'])} seeds; mean gain {gain:.2f}%{ci_text}")  # fmt: skip
         else:
             print(f"{variant}: mean {s['mean']:.4f}, sd {sd}, range {s['min']:.4f}-{s['max']:.4f} "
                   f"over {s['seeds']} seeds")  # fmt: skip
