@@ -444,6 +444,7 @@ def isoflop_analysis(
             "reason": m.reason, "coeffs": list(m.coeffs),
             "flops_over_budget": compute[(variant, budget)] / budget,
             "points": [[r["N_c"], r[loss_field]] for r in members],
+            "backbones": [r["backbone"] for r in members],
         })  # fmt: skip
         if not m.in_range:
             notes.append(f"{label}: {m.reason}; used the best observed point")
@@ -825,6 +826,38 @@ def paper_claims(result: dict) -> list[dict]:
     return [dict(zip(("claim", "paper", "ours"), row, strict=True)) for row in rows]
 
 
+def _profile_table(minima: list[dict]) -> list[str]:
+    """Every isoFLOP run's loss, one row per (budget, backbone) and one column per profile,
+    the lowest of each profile at each budget in bold: the table a reader checks a frontier
+    against. Seeds or repeats at one backbone are averaged (their count shown)."""
+    profiles = list(dict.fromkeys(m["variant"] for m in minima))
+    cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    size: dict[tuple, float] = {}
+    for m in minima:
+        for backbone, (n_c, loss) in zip(m["backbones"], m["points"], strict=True):
+            cells[(m["budget"], backbone)][m["variant"]].append(loss)
+            size[(m["budget"], backbone)] = min(n_c, size.get((m["budget"], backbone), n_c))
+    best = {}
+    for (budget, _), per_profile in cells.items():
+        for profile, losses in per_profile.items():
+            mean = float(np.mean(losses))
+            best[(budget, profile)] = min(mean, best.get((budget, profile), mean))
+    rows = []
+    for key in sorted(cells, key=lambda k: (k[0], size[k])):
+        row = [f"{key[0]:.3g}", key[1], f"{size[key]:.3g}"]
+        for profile in profiles:
+            losses = cells[key].get(profile)
+            if not losses:
+                row.append("")
+                continue
+            mean = float(np.mean(losses))
+            text = f"{mean:.4f}" + (f" (x{len(losses)})" if len(losses) > 1 else "")
+            row.append(f"**{text}**" if mean == best[(key[0], profile)] else text)
+        rows.append(row)
+    return ["Loss per run (bold: the lowest of each profile at each budget):", "",
+            *_table(["budget C", "backbone", "N_c", *profiles], rows)]  # fmt: skip
+
+
 def format_report(result: dict) -> str:
     lines = ["# Scaling-law fit", "",
              f"Source: `{result['source']}`; {result['runs']} runs "
@@ -872,6 +905,7 @@ def format_report(result: dict) -> str:
                             f"{m['N_opt']:.4g}", f"{m['D_opt']:.4g}", f"{m['L_opt']:.4f}",
                             m["method"] + (f" ({m['reason']})" if m["reason"] else ""),
                             f"{m['flops_over_budget']:.3f}"] for m in iso["minima"]])]  # fmt: skip
+        lines += _profile_table(iso["minima"])
         if iso["frontiers"]:
             lines += ["Frontiers log2 L_opt = m log10 C + k (N_opt ∝ C^a):", "",
                       *_table(["variant", "m", "k", "R²", "budgets", "a"],

@@ -364,6 +364,14 @@ def test_run_fit_end_to_end_writes_json_report_and_figures(tmp_path):
     report = (sweep / "REPORT_fit.md").read_text()
     assert "compute saving at equal loss" in report and "95% CI" in report
     assert "Over all matched settings" in report
+    # the per-run table: one row per (budget, backbone), the best size of each profile bold
+    runs = isoflop_runs()
+    best = min((r for r in runs if r["variant"] == "jtokm" and r["budget"] == BUDGETS[0]),
+               key=lambda r: r["final_val_loss"])  # fmt: skip
+    row = next(line for line in report.splitlines()
+               if line.startswith(f"| {BUDGETS[0]:.3g} | {best['backbone']} |"))  # fmt: skip
+    assert row.split(" | ")[-1].rstrip(" |") == f"**{best['final_val_loss']:.4f}**"
+    assert sum(line.startswith(f"| {BUDGETS[0]:.3g} |") for line in report.splitlines()) == 5
     for name in ("fit_eta.png", "fit_isoflops.png", "fit_frontier.png", "fit_parametric.png"):
         assert (sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert name in result["files"]

@@ -1,6 +1,7 @@
 """Seed spread of results/seed-noise: per variant the mean, standard deviation and range of
 the final validation loss over seeds, and the per-seed JTok-M - baseline difference (the same
-seed gives both the same batches) with a 95% t interval on its mean. Writes summary.json beside results.jsonl and prints it.
+seed gives both the same batches) with a 95% t interval on its mean. Writes summary.json
+beside results.jsonl and prints it.
 
     python3 results/seed-noise/summary.py
 """
