@@ -297,7 +297,7 @@ def _minimum_log(x: np.ndarray, loss: np.ndarray) -> IsoMinimum:
     else:
         vertex = centre - c1 / (2 * c2)
         if not sizes[0] <= vertex <= sizes[-1]:
-            reason = "vertex outside the sampled sizes"
+            reason = "vertex outside the fitted sizes"
         else:
             return IsoMinimum(float(10**vertex), float(c0 - c1**2 / (4 * c2)), True, "", coeffs)
     means = np.array([loss[x == s].mean() for s in sizes])
@@ -398,15 +398,36 @@ def _frontiers(minima: dict[tuple, IsoMinimum], compute: dict[tuple, float]
             for v, pts in per_variant.items() if len({c for c, _ in pts}) >= 2}  # fmt: skip
 
 
+def fit_window(x: np.ndarray, loss: np.ndarray, window: int | None) -> np.ndarray:
+    """Mask of the runs an isoFLOP parabola is fitted to: all of them, or (window = K) those
+    at the K consecutive sizes centred as well as the grid allows on the best observed size.
+
+    Over a wide size range a profile is not a parabola in log N_c (it rises more steeply on
+    the small side); fitting near the minimum keeps the vertex from being pulled by the flanks."""
+    sizes = np.unique(x)
+    if window is None or len(sizes) <= window:
+        return np.ones(len(x), bool)
+    best = int(np.argmin([loss[x == size].mean() for size in sizes]))
+    start = min(max(best - window // 2, 0), len(sizes) - window)
+    return np.isin(x, sizes[start : start + window])
+
+
 def isoflop_analysis(
     runs: list[dict], baseline: str, loss_field: str = "final_val_loss", bootstrap: int = 1000,
-    seed: int = 0,
+    seed: int = 0, window: int | None = None, noise: float | None = None,
 ) -> tuple[dict | None, list[str]]:  # fmt: skip
     """Minima per (profile, budget), frontier per profile, every profile against the
     baseline, with bootstrap percentiles. Returns (section or None, notes).
 
     A frontier point's compute is the geometric mean of its runs' actual training FLOPs (the
-    sweep rounds steps, so they differ slightly from the nominal budget that groups them)."""
+    sweep rounds steps, so they differ slightly from the nominal budget that groups them).
+    `window`: fit each parabola to that many sizes around the profile's best run (see
+    `fit_window`); None fits all sizes. `noise`: the bootstrap's per-run loss sd (e.g. a
+    measured seed-to-seed spread); None estimates it from the quadratics' residuals."""
+    if window is not None and window < 3:
+        raise FitError(f"an isoFLOP fit window needs at least 3 sizes, got {window}")
+    if noise is not None and not (math.isfinite(noise) and noise > 0):
+        raise FitError(f"the bootstrap noise must be a positive number of nats, got {noise}")
     notes: list[str] = []
     grouped: dict[tuple, list[dict]] = defaultdict(list)
     budgeted = [r for r in runs if r["budget"] is not None]
@@ -430,15 +451,19 @@ def isoflop_analysis(
             per_size[r["backbone"]].add(r["eta"])
         if any(len(etas) > 1 for etas in per_size.values()):
             notes.append(f"{label}: several eta values at one backbone are pooled")
-        groups[(variant, budget)] = (x, loss)
-        m = minima[(variant, budget)] = _minimum_log(x, loss)
+        fitted = fit_window(x, loss, window)
+        groups[(variant, budget)] = (x[fitted], loss[fitted])
+        m = minima[(variant, budget)] = _minimum_log(x[fitted], loss[fitted])
         compute[(variant, budget)] = float(10 ** np.mean(np.log10([r["flops"] for r in members])))
         # Tokens at the optimum: interpolate the group's own log D vs log N_c relation (the
         # sweep's FLOPs per token include attention and the head, so D is not C / 6N exactly).
         d_line = fit_line(x, np.log10([r["tokens"] for r in members]))
         rows.append({
             "variant": variant, "budget": budget, "compute": compute[(variant, budget)],
-            "n_points": len(members), "n_sizes": len(np.unique(x)), "N_opt": m.n_opt,
+            "n_points": len(members), "n_sizes": len(np.unique(x)),
+            "fit_sizes": len(np.unique(x[fitted])),
+            "fit_range": [float(10 ** x[fitted].min()), float(10 ** x[fitted].max())],
+            "N_opt": m.n_opt,
             "L_opt": m.loss_opt, "D_opt": float(10 ** d_line(math.log10(m.n_opt))),
             "in_range": m.in_range, "method": "quadratic" if m.in_range else "best observed",
             "reason": m.reason, "coeffs": list(m.coeffs),
@@ -481,11 +506,12 @@ def isoflop_analysis(
     section = {"minima": rows, "frontiers": frontiers, "comparisons": comparisons}
     if bootstrap > 0 and frontiers:
         boot = _bootstrap(groups, minima, compute, fronts, baseline, comparisons, bootstrap,
-                          seed)  # fmt: skip
+                          seed, noise)  # fmt: skip
         if boot is None:
             notes.append("isoFLOPs bootstrap: every profile has exactly 3 runs, which the "
                          "quadratic fits exactly (no residual to estimate the noise from): no "
-                         "confidence intervals; add backbone sizes or seeds")  # fmt: skip
+                         "confidence intervals; add backbone sizes or seeds, or give the "
+                         "noise (--noise)")  # fmt: skip
         else:
             section["bootstrap"] = boot
             for variant, ci in boot["slope_ci"].items():
@@ -496,23 +522,26 @@ def isoflop_analysis(
 
 
 def _bootstrap(groups: dict, minima: dict, compute: dict, fronts: dict, baseline: str,
-               comparisons: dict, resamples: int, seed: int) -> dict | None:  # fmt: skip
+               comparisons: dict, resamples: int, seed: int, noise: float | None = None
+               ) -> dict | None:  # fmt: skip
     """Parametric residual bootstrap: keep each profile's sizes, redraw its losses as its
-    fitted quadratic plus Gaussian noise with the residual spread pooled over all profiles,
-    and redo minima, lines and comparisons (at the point estimate's loss and compute points).
+    fitted quadratic plus Gaussian noise with the residual spread pooled over all profiles
+    (or `noise`, when given), and redo minima, lines and comparisons (at the point
+    estimate's loss and compute points).
 
     Resampling runs instead (the nonparametric bootstrap) breaks down at the 3-5 sizes an
     isoFLOP profile has: with 3 every usable resample is the data itself, with 4 there are
     five distinct fits and intervals undercover. None when no profile has a residual
-    degree of freedom (all exactly 3 runs)."""
+    degree of freedom (all exactly 3 runs) and no `noise` is given."""
     fitted, sse, dof = {}, 0.0, 0
     for key, (x, loss) in groups.items():
         fitted[key] = np.polyval(minima[key].coeffs, x)
         sse += float(((loss - fitted[key]) ** 2).sum())
         dof += len(x) - 3
-    if dof == 0:
+    if dof == 0 and noise is None:
         return None
-    sigma = math.sqrt(sse / dof)
+    residual_sigma = math.sqrt(sse / dof) if dof else None
+    sigma = residual_sigma if noise is None else noise
     rng = np.random.default_rng(seed)
     slopes: dict[str, list[float]] = defaultdict(list)
     stats: dict[str, dict[str, list]] = {v: defaultdict(list) for v in comparisons}
@@ -536,7 +565,8 @@ def _bootstrap(groups: dict, minima: dict, compute: dict, fronts: dict, baseline
 
     return {
         "method": "parametric residual bootstrap", "resamples": resamples, "seed": seed,
-        "residual_sigma": sigma, "residual_dof": dof,
+        "noise_sigma": sigma, "noise_source": "residuals" if noise is None else "given",
+        "residual_sigma": residual_sigma, "residual_dof": dof,
         "fallback_fraction": fallbacks / max(1, resamples * len(groups)),
         "slope_ci": {v: ci(s) for v, s in slopes.items()},
         "comparison_ci": {v: {f"{name}_ci": ci(vals) for name, vals in s.items()}
@@ -703,11 +733,17 @@ def _jsonable(value: Any) -> Any:
 
 def run_fit(directory: str | Path, *, baseline: str = "baseline", treatment: str = "jtokm",
             bootstrap: int = 1000, seed: int = 0, plots: bool = True,
-            loss_field: str = "final_val_loss") -> dict:  # fmt: skip
-    """Every fit the sweep in `directory` supports; writes fit.json, REPORT_fit.md, PNGs."""
+            loss_field: str = "final_val_loss", window: int | None = None,
+            noise: float | None = None, out: str | Path | None = None) -> dict:  # fmt: skip
+    """Every fit the sweep in `directory` supports; writes fit.json, REPORT_fit.md, PNGs
+    there, or into `out` (a variant of the analysis kept beside the main one)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FitError(f"{directory}: no such directory")
+    out_dir = directory if out is None else Path(out)
+    if out_dir.resolve() != directory.resolve() and (out_dir / RESULTS_FILE).exists():
+        raise FitError(f"{out_dir} holds another sweep's {RESULTS_FILE}: writing its fit files "
+                       "there would replace that sweep's; choose another folder")  # fmt: skip
     if loss_field not in LOSS_FIELDS:
         raise FitError(f"loss field must be one of {LOSS_FIELDS}, got {loss_field!r}")
     if bootstrap < 0:
@@ -723,7 +759,7 @@ def run_fit(directory: str | Path, *, baseline: str = "baseline", treatment: str
     laws = eta_laws(runs, baseline, loss_field)
     if not laws:
         notes.append("eta law: no (variant, backbone, amount) with 3 or more eta > 0 values")
-    iso, iso_notes = isoflop_analysis(runs, baseline, loss_field, bootstrap, seed)
+    iso, iso_notes = isoflop_analysis(runs, baseline, loss_field, bootstrap, seed, window, noise)
     parametric, par_notes = parametric_analysis(runs, baseline, treatment, loss_field)
     notes += iso_notes + par_notes
     pairs = paired_gains(runs, baseline, loss_field)
@@ -731,19 +767,22 @@ def run_fit(directory: str | Path, *, baseline: str = "baseline", treatment: str
         raise FitError(f"{directory}: too few runs for any fit ({len(runs)} usable): "
                        + "; ".join(notes))  # fmt: skip
     result = {
-        "source": str(directory / RESULTS_FILE), "loss_field": loss_field,
+        "source": str(directory / RESULTS_FILE), "output": str(out_dir),
+        "loss_field": loss_field,
         "baseline": baseline, "treatment": treatment, "runs": len(runs),
-        "variants": dict(sorted(counts.items())), "eta_law": laws,
+        "variants": dict(sorted(counts.items())), "isoflop_window": window, "eta_law": laws,
         "paired_gains": pairs, "paired_summary": paired_summary(pairs), "isoflops": iso,
         "parametric": parametric, "paper_check": paper_frontier_check(), "notes": notes,
     }  # fmt: skip
     result["files"] = [FIT_JSON, REPORT_FILE]
     if plots:
-        result["files"] += write_plots(result, runs, directory)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result["files"] += write_plots(result, runs, out_dir)
     result = _jsonable(result)
     result["claims"] = paper_claims(result)
-    (directory / REPORT_FILE).write_text(format_report(result))
-    (directory / FIT_JSON).write_text(json.dumps(result, indent=2) + "\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / REPORT_FILE).write_text(format_report(result))
+    (out_dir / FIT_JSON).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -896,12 +935,17 @@ def format_report(result: dict) -> str:
                            for v, s in result["paired_summary"].items()])]  # fmt: skip
     iso = result["isoflops"]
     if iso:
-        lines += ["## isoFLOPs", "", "Per (variant, budget): loss ~ quadratic in log10 N_c; "
-                  "its vertex is the compute-optimal point unless it opens downward or falls "
-                  "outside the sampled sizes (then the best observed point, marked).", "",
-                  *_table(["variant", "budget C", "runs", "sizes", "N_opt", "D_opt", "L_opt",
-                           "method", "C spent / C"],
-                          [[m["variant"], f"{m['budget']:.3g}", m["n_points"], m["n_sizes"],
+        window = result.get("isoflop_window")
+        fitted_to = (f" (fitted to the {window} sizes around each profile's best run)"
+                     if window else "")  # fmt: skip
+        lines += ["## isoFLOPs", "", f"Per (variant, budget): loss ~ quadratic in log10 N_c"
+                  f"{fitted_to}; its vertex is the compute-optimal point unless it opens "
+                  "downward or falls outside the fitted sizes (then the best observed point, "
+                  "marked).", "",
+                  *_table(["variant", "budget C", "runs", "sizes (fitted)", "N_opt", "D_opt",
+                           "L_opt", "method", "C spent / C"],
+                          [[m["variant"], f"{m['budget']:.3g}", m["n_points"],
+                            f"{m['n_sizes']} ({m['fit_sizes']})",
                             f"{m['N_opt']:.4g}", f"{m['D_opt']:.4g}", f"{m['L_opt']:.4f}",
                             m["method"] + (f" ({m['reason']})" if m["reason"] else ""),
                             f"{m['flops_over_budget']:.3f}"] for m in iso["minima"]])]  # fmt: skip
@@ -935,11 +979,16 @@ def format_report(result: dict) -> str:
                       "to quote.", ""]  # fmt: skip
         if "bootstrap" in iso:
             b = iso["bootstrap"]
+            residual = ("none" if b["residual_sigma"] is None
+                        else f"{b['residual_sigma']:.4f} on {b['residual_dof']} degrees of "
+                             "freedom")  # fmt: skip
+            source = ("the pooled residual spread" if b["noise_source"] == "residuals"
+                      else "the given noise")  # fmt: skip
             lines += [f"Bootstrap: {b['resamples']} parametric resamples (each profile's "
-                      "fitted quadratic plus Gaussian noise of the pooled residual spread, "
-                      f"sigma {b['residual_sigma']:.4f} on {b['residual_dof']} degrees of "
-                      f"freedom), seed {b['seed']}; {_pct(b['fallback_fraction'])} of "
-                      "resampled minima fell back to the best observed point.", ""]  # fmt: skip
+                      f"fitted quadratic plus Gaussian noise of {source}, sigma "
+                      f"{b['noise_sigma']:.4f}; residual spread {residual}), seed {b['seed']}; "
+                      f"{_pct(b['fallback_fraction'])} of resampled minima fell back to the "
+                      "best observed point.", ""]  # fmt: skip
     par = result["parametric"]
     if par:
         rows = [[name, f"{p['E']:.4f}", f"{p['A']:.4g}", f"{p['alpha']:.4f}", f"{p['B']:.4g}",
@@ -994,8 +1043,8 @@ def format_summary(result: dict) -> str:
                      + (f" gamma={p['gamma']:.3f} (objective -{_pct(par['relative_improvement'])})"
                         if p["gamma"] is not None else ""))  # fmt: skip
     lines += [f"note: {n}" for n in result["notes"]]
-    directory = Path(result["source"]).parent
-    lines.append(f"wrote {', '.join(str(directory / f) for f in result['files'])}")
+    out_dir = Path(result["output"])
+    lines.append(f"wrote {', '.join(str(out_dir / f) for f in result['files'])}")
     return "\n".join(lines)
 
 
@@ -1046,7 +1095,7 @@ def write_plots(result: dict, runs: list[dict], directory: Path) -> list[str]:
             style = styles[variants.index(m["variant"]) % len(styles)]
             ns, ls = zip(*m["points"], strict=True)
             ax.plot(ns, ls, "o" if style == "-" else "s", color=colour, ms=4, mfc="none")
-            x = np.linspace(math.log10(min(ns)), math.log10(max(ns)), 60)
+            x = np.linspace(*np.log10(m["fit_range"]), 60)
             c2, c1, c0 = m["coeffs"]
             ax.plot(10**x, c2 * x**2 + c1 * x + c0, style, color=colour,
                     label=f"{m['variant']} C={m['budget']:.2g}")  # fmt: skip
@@ -1109,6 +1158,14 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="bootstrap seed")
     parser.add_argument("--loss", choices=LOSS_FIELDS, default="final_val_loss",
                         help="which loss of each run to fit (default: final_val_loss)")
+    parser.add_argument("--window", type=int, default=None, metavar="K",
+                        help="fit each isoFLOP parabola to the K sizes around the profile's "
+                             "best run, K >= 3 (default: all sizes)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, metavar="OUT",
+                        help="write fit.json, REPORT_fit.md and figures here (default: DIR)")
+    parser.add_argument("--noise", type=float, default=None, metavar="SIGMA",
+                        help="per-run loss sd (nats) for the bootstrap, e.g. a measured seed "
+                             "spread (default: the quadratics' residual spread)")  # fmt: skip
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -1116,6 +1173,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise FitError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     result = run_fit(args.dir, baseline=args.baseline, treatment=args.treatment,
                      bootstrap=args.bootstrap, seed=args.seed, plots=args.plots,
-                     loss_field=args.loss)  # fmt: skip
+                     loss_field=args.loss, window=args.window, noise=args.noise,
+                     out=args.out)  # fmt: skip
     print(json.dumps(result) if args.json else format_summary(result))
     return 0

@@ -49,14 +49,14 @@ def true_optimum(compute, eta=0.0):
     return 10**res.x, float(res.fun)
 
 
-def isoflop_runs(noise=0.002, seed=0, sizes=5):
+def isoflop_runs(noise=0.002, seed=0, sizes=5, spread=0.6):
     """baseline and treatment at each budget; the same backbones for both, spread over
-    +-0.6 decades around the baseline's optimum (slightly off-centre, as a real grid is)."""
+    +-`spread` decades around the baseline's optimum (slightly off-centre, as a real grid is)."""
     rng = np.random.default_rng(seed)
     runs = []
     for budget in BUDGETS:
         centre = true_optimum(budget)[0] * 10**0.05
-        for n_c in centre * np.logspace(-0.6, 0.6, sizes):
+        for n_c in centre * np.logspace(-spread, spread, sizes):
             for variant, eta in (("baseline", 0.0), ("jtokm", ETA)):
                 tokens = budget / (6 * n_c)
                 loss = float(chinchilla(n_c, tokens, eta) * math.exp(rng.normal(0, noise)))
@@ -174,6 +174,26 @@ def test_isoflop_minima_and_frontier_slope_recover_the_compute_optimal_truth():
     assert fitted["n_opt_exponent"] == pytest.approx(0.28 / 0.62, abs=0.05)
 
 
+def test_a_fit_window_around_the_best_run_removes_the_flanks_pull_on_a_wide_grid():
+    # +-1.5 decades: the true profile is lopsided, and a parabola through all 13 sizes puts
+    # every vertex 6-9% too high; 5 sizes around the best run land closer at every budget.
+    runs = isoflop_runs(sizes=13, spread=1.5)
+    full, _ = isoflop_analysis(runs, "baseline", bootstrap=0)
+    near, _ = isoflop_analysis(runs, "baseline", bootstrap=0, window=5)
+    errors, wide_errors = [], []
+    for wide, m in zip(full["minima"], near["minima"], strict=True):
+        n_true = true_optimum(m["budget"], ETA if m["variant"] == "jtokm" else 0.0)[0]
+        assert m["in_range"] and m["fit_sizes"] == 5 and wide["fit_sizes"] == 13
+        assert m["fit_range"][0] <= m["N_opt"] <= m["fit_range"][1]
+        assert len(m["points"]) == 13  # every run is still reported
+        errors.append(abs(math.log10(m["N_opt"] / n_true)))
+        wide_errors.append(math.log10(wide["N_opt"] / n_true))
+        assert errors[-1] < wide_errors[-1]
+    assert np.mean(errors) < 0.015 and min(wide_errors) > 0.02  # decades: 3.5% and 4.7%
+    with pytest.raises(FitError, match="at least 3 sizes"):
+        isoflop_analysis(runs, "baseline", bootstrap=0, window=2)
+
+
 def test_treatment_compute_saving_and_loss_gap_match_the_truth_within_the_bootstrap_ci():
     section, _ = isoflop_analysis(isoflop_runs(), "baseline", bootstrap=200, seed=0)
     comp = section["comparisons"]["jtokm"]
@@ -259,6 +279,24 @@ def test_no_interval_is_claimed_from_profiles_the_quadratic_fits_exactly():
     assert "bootstrap" not in section
     assert "compute_saving_ci" not in section["comparisons"]["jtokm"]
     assert any("no confidence intervals" in n for n in notes)
+
+
+def test_a_given_noise_drives_the_bootstrap_and_widens_intervals_as_it_grows():
+    # exactly fitted 3-size profiles: no residual to estimate from, but a measured seed spread
+    # gives intervals; a larger spread gives wider ones
+    runs = isoflop_runs(sizes=3)
+    widths = []
+    for noise in (0.002, 0.02):
+        section, _ = isoflop_analysis(runs, "baseline", bootstrap=100, seed=0, noise=noise)
+        boot = section["bootstrap"]
+        assert boot["noise_sigma"] == noise and boot["noise_source"] == "given"
+        assert boot["residual_sigma"] is None
+        lo, hi = section["comparisons"]["jtokm"]["loss_gap_ci"][1]
+        widths.append(hi - lo)
+    assert widths[1] > 3 * widths[0]
+    for bad in (0.0, -0.1, float("nan")):
+        with pytest.raises(FitError, match="noise"):
+            isoflop_analysis(runs, "baseline", bootstrap=10, noise=bad)
 
 
 def test_bootstrap_intervals_cover_the_truth_with_four_sizes_per_budget():
@@ -399,3 +437,33 @@ def test_cmd_fit_json_prints_one_parseable_object(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((sweep / "fit.json").read_text())
     assert printed["treatment"] == "jtokm" and printed["files"] == ["fit.json", "REPORT_fit.md"]
+
+
+def test_jtok_fit_passes_window_and_noise_through_and_rejects_bad_ones(tmp_path, capsys):
+    from jtok.cli import main
+
+    sweep = write_results(tmp_path / "sweep", isoflop_runs(sizes=7))
+    assert main(["fit", str(sweep), "--json", "--no-plots", "--bootstrap", "20",
+                 "--window", "5", "--noise", "0.01"]) == 0  # fmt: skip
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["isoflop_window"] == 5
+    assert {m["fit_sizes"] for m in printed["isoflops"]["minima"]} == {5}
+    assert printed["isoflops"]["bootstrap"]["noise_sigma"] == 0.01
+    for bad in (["--window", "2"], ["--noise", "0"]):
+        assert main(["fit", str(sweep), "--no-plots", *bad]) != 0
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_fit_out_keeps_a_variant_analysis_beside_the_main_one(tmp_path):
+    sweep = write_results(tmp_path / "sweep", isoflop_runs())
+    main_fit = run_fit(sweep, bootstrap=0, plots=False)
+    variant = run_fit(sweep, bootstrap=0, plots=True, window=3, out=tmp_path / "windowed")
+    assert json.loads((sweep / "fit.json").read_text()) == main_fit  # untouched
+    assert json.loads((tmp_path / "windowed" / "fit.json").read_text()) == variant
+    assert (tmp_path / "windowed" / "fit_isoflops.png").exists()
+    assert not (sweep / "fit_isoflops.png").exists()
+    other = write_results(tmp_path / "other", isoflop_runs(seed=1))
+    with pytest.raises(FitError, match="another sweep"):
+        run_fit(sweep, bootstrap=0, plots=False, out=other)
+    assert not (other / "fit.json").exists()
