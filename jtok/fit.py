@@ -244,6 +244,18 @@ def paired_gains(runs: list[dict], baseline: str, loss_field: str = "final_val_l
     return pairs
 
 
+def t_interval(values) -> list[float] | None:
+    """95% Student t interval on the mean of `values` (None below two values)."""
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return None
+    mean = float(np.mean(values))
+    half = float(stats.t.ppf(0.975, n - 1)) * float(np.std(values, ddof=1)) / math.sqrt(n)
+    return [mean - half, mean + half]
+
+
 def paired_summary(pairs: list[dict]) -> dict[str, dict]:
     """Per variant, over its matched (backbone, amount) settings: how many it wins, the mean
     relative gain with a 95% t interval, and a two-sided sign-test p-value.
@@ -261,14 +273,10 @@ def paired_summary(pairs: list[dict]) -> dict[str, dict]:
         n, wins = len(gains), sum(g > 0 for g in gains)
         mean = float(np.mean(gains))
         sd = float(np.std(gains, ddof=1)) if n > 1 else None
-        ci = None
-        if sd is not None:
-            half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-            ci = [mean - half, mean + half]
         decided = sum(g != 0 for g in gains)
         sign_p = float(stats.binomtest(wins, decided, 0.5).pvalue) if decided else None
         summary[variant] = {"pairs": n, "wins": wins, "mean_gain": mean, "sd": sd,
-                            "mean_gain_ci": ci, "sign_test_p": sign_p}  # fmt: skip
+                            "mean_gain_ci": t_interval(gains), "sign_test_p": sign_p}  # fmt: skip
     return summary
 
 
@@ -775,12 +783,11 @@ def run_fit(directory: str | Path, *, baseline: str = "baseline", treatment: str
         "parametric": parametric, "paper_check": paper_frontier_check(), "notes": notes,
     }  # fmt: skip
     result["files"] = [FIT_JSON, REPORT_FILE]
+    out_dir.mkdir(parents=True, exist_ok=True)
     if plots:
-        out_dir.mkdir(parents=True, exist_ok=True)
         result["files"] += write_plots(result, runs, out_dir)
     result = _jsonable(result)
     result["claims"] = paper_claims(result)
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / REPORT_FILE).write_text(format_report(result))
     (out_dir / FIT_JSON).write_text(json.dumps(result, indent=2) + "\n")
     return result

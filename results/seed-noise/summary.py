@@ -10,20 +10,9 @@ import json
 import statistics
 from pathlib import Path
 
-from scipy import stats
-
-from jtok.fit import load_results
+from jtok.fit import load_results, t_interval
 
 HERE = Path(__file__).parent
-
-
-def t_interval(values: list[float]) -> list[float] | None:
-    """95% Student t interval on the mean (None below two values)."""
-    if len(values) < 2:
-        return None
-    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    mean = statistics.mean(values)
-    return [mean - half, mean + half]
 
 
 def main() -> None:
