@@ -320,7 +320,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from jtok.sweep import describe, parse_shard, run_sweep
+    from jtok.sweep import describe, finished_runs, parse_shard, run_sweep
 
     runs = run_sweep(args.spec, args.out, shard=parse_shard(args.shard), dry_run=args.dry_run,
                      progress=not args.no_progress, only=args.only,
@@ -328,7 +328,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe(runs))
     else:
-        print(f"{len(runs)} runs done; results in {args.out / 'results.jsonl'}")
+        finished = finished_runs(args.out)
+        n_done = sum(run.name in finished for run in runs)
+        where = args.out / "results.jsonl"
+        if n_done == len(runs):
+            print(f"{len(runs)} runs done; results in {where}")
+        else:  # the rest were claimed by other processes sharing the sweep
+            print(f"{n_done} of {len(runs)} runs done, {len(runs) - n_done} still running in "
+                  f"another process; results in {where}")  # fmt: skip
     return 0
 
 

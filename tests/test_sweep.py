@@ -159,7 +159,7 @@ def test_a_changed_spec_does_not_mix_with_runs_already_done(tiny_data, tmp_path)
     assert main(["sweep", str(path), "--out", str(out)]) == 2
 
 
-def test_a_run_locked_by_another_process_is_passed_over(tiny_data, tmp_path):
+def test_a_run_locked_by_another_process_is_passed_over(tiny_data, tmp_path, capsys):
     spec = spec_dict(tiny_data, budget={"tokens": [256]})
     spec["axes"]["backbone"] = {"d64": {}}
     path = write_spec(tmp_path, spec)
@@ -174,6 +174,10 @@ def test_a_run_locked_by_another_process_is_passed_over(tiny_data, tmp_path):
     assert set(finished_runs(out)) == {"jtokm__d64__D256"}
     assert not (out / "runs" / "baseline__d64__D256" / "metrics.jsonl").exists()
     assert any("baseline__d64__D256: running in another process" in m for m in logged)
+    # The command's summary does not count a run another process still holds as done.
+    with claim_run(out, "baseline__d64__D256"):
+        assert main(["sweep", str(path), "--out", str(out), "--no-progress"]) == 0
+    assert "1 of 2 runs done, 1 still running in another process" in capsys.readouterr().out
     # Released (as when its holder finishes or dies), the next sweep takes it.
     run_sweep(path, out, progress=False, log=lambda m: None)
     assert set(finished_runs(out)) == {"baseline__d64__D256", "jtokm__d64__D256"}
