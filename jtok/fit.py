@@ -742,9 +742,12 @@ def _jsonable(value: Any) -> Any:
 def run_fit(directory: str | Path, *, baseline: str = "baseline", treatment: str = "jtokm",
             bootstrap: int = 1000, seed: int = 0, plots: bool = True,
             loss_field: str = "final_val_loss", window: int | None = None,
-            noise: float | None = None, out: str | Path | None = None) -> dict:  # fmt: skip
+            noise: float | None = None, out: str | Path | None = None,
+            variants: list[str] | None = None) -> dict:  # fmt: skip
     """Every fit the sweep in `directory` supports; writes fit.json, REPORT_fit.md, PNGs
-    there, or into `out` (a variant of the analysis kept beside the main one)."""
+    there, or into `out` (a variant of the analysis kept beside the main one). `variants`
+    restricts the fit to those variant labels: a grid that grows by a variant keeps its
+    earlier analysis, whose pooled residual spread would otherwise change."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FitError(f"{directory}: no such directory")
@@ -758,6 +761,13 @@ def run_fit(directory: str | Path, *, baseline: str = "baseline", treatment: str
         raise FitError(f"bootstrap resamples must be >= 0, got {bootstrap}")
     notes: list[str] = []
     runs = _usable_runs(load_results(directory), loss_field, notes)
+    if variants is not None:
+        present = {run["variant"] for run in runs}
+        unknown = [name for name in variants if name not in present]
+        if unknown:
+            raise FitError(f"--variants {','.join(unknown)}: no such variant in {directory} "
+                           f"(variants: {', '.join(sorted(present))})")  # fmt: skip
+        runs = [run for run in runs if run["variant"] in variants]
     counts: dict[str, int] = defaultdict(int)
     for run in runs:
         counts[run["variant"]] += 1
@@ -778,7 +788,8 @@ def run_fit(directory: str | Path, *, baseline: str = "baseline", treatment: str
         "source": str(directory / RESULTS_FILE), "output": str(out_dir),
         "loss_field": loss_field,
         "baseline": baseline, "treatment": treatment, "runs": len(runs),
-        "variants": dict(sorted(counts.items())), "isoflop_window": window, "eta_law": laws,
+        "variants": dict(sorted(counts.items())), "variant_filter": variants,
+        "isoflop_window": window, "eta_law": laws,
         "paired_gains": pairs, "paired_summary": paired_summary(pairs), "isoflops": iso,
         "parametric": parametric, "paper_check": paper_frontier_check(), "notes": notes,
     }  # fmt: skip
@@ -909,7 +920,8 @@ def format_report(result: dict) -> str:
              f"Source: `{result['source']}`; {result['runs']} runs "
              f"({', '.join(f'{v}: {n}' for v, n in result['variants'].items())}); "
              f"loss = `{result['loss_field']}` (nats). Baseline `{result['baseline']}`, "
-             f"treatment `{result['treatment']}`.", "",
+             f"treatment `{result['treatment']}`."
+             + (" Only these variants (`--variants`)." if result["variant_filter"] else ""), "",
              "Absolute losses depend on data and tokenizer; the paper's figures compare through "
              "slopes and relative numbers.", ""]  # fmt: skip
     if result["claims"]:
@@ -1173,6 +1185,15 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise", type=float, default=None, metavar="SIGMA",
                         help="per-run loss sd (nats) for the bootstrap, e.g. a measured seed "
                              "spread (default: the quadratics' residual spread)")  # fmt: skip
+    parser.add_argument("--variants", type=_variant_list, default=None, metavar="A,B,...",
+                        help="fit only these variants, comma-separated (default: all)")
+
+
+def _variant_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated variant names")
+    return names
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -1181,6 +1202,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     result = run_fit(args.dir, baseline=args.baseline, treatment=args.treatment,
                      bootstrap=args.bootstrap, seed=args.seed, plots=args.plots,
                      loss_field=args.loss, window=args.window, noise=args.noise,
-                     out=args.out)  # fmt: skip
+                     out=args.out, variants=args.variants)  # fmt: skip
     print(json.dumps(result) if args.json else format_summary(result))
     return 0

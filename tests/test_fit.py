@@ -467,3 +467,30 @@ def test_fit_out_keeps_a_variant_analysis_beside_the_main_one(tmp_path):
     with pytest.raises(FitError, match="another sweep"):
         run_fit(sweep, bootstrap=0, plots=False, out=other)
     assert not (other / "fit.json").exists()
+
+
+def test_fit_variants_restricts_the_analysis_to_the_named_variants(tmp_path, capsys):
+    from jtok.cli import main
+
+    runs = isoflop_runs()
+    # A third variant, 5% worse everywhere, added to the grid later.
+    extra = [dict(r, name="x" + r["name"], variant="jtokm-x",
+                  final_val_loss=r["final_val_loss"] * 1.05)
+             for r in runs if r["variant"] == "jtokm"]  # fmt: skip
+    before = run_fit(write_results(tmp_path / "two", runs), bootstrap=50, plots=False)
+    grown = write_results(tmp_path / "three", runs + extra)
+    both = run_fit(grown, bootstrap=50, plots=False)
+    kept = run_fit(grown, bootstrap=50, plots=False, variants=["baseline", "jtokm"],
+                   out=tmp_path / "kept")  # fmt: skip
+    assert set(both["variants"]) == {"baseline", "jtokm", "jtokm-x"}
+    # Restricted, the grown grid reproduces the earlier analysis exactly.
+    assert kept["variants"] == before["variants"]
+    assert kept["variant_filter"] == ["baseline", "jtokm"]
+    jtokm = before["isoflops"]["comparisons"]["jtokm"]
+    assert kept["isoflops"]["comparisons"]["jtokm"] == jtokm
+    # Unrestricted, the extra profiles change the pooled noise and so the intervals.
+    assert both["isoflops"]["comparisons"]["jtokm"] != jtokm
+    assert "Only these variants" in (tmp_path / "kept" / "REPORT_fit.md").read_text()
+    assert main(["fit", str(grown), "--no-plots", "--variants", "baseline,jtokm-y"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "jtokm-y: no such variant" in err
