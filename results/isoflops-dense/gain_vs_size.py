@@ -4,8 +4,9 @@ steps of the same budget) but not in lockstep (three budgets), so a least-square
 
     gain (%) = a + b log2(d_model) + c log2(steps)
 
-over the matched (size, budget) settings separates them. Reads fit.json (`jtok fit` output)
-and results.jsonl, writes gain_vs_size.json beside them and prints it.
+over the matched (size, budget) settings separates them, for every variant against the
+baseline (gain = 1 - L / L_baseline, final validation loss). Reads results.jsonl, writes
+gain_vs_size.json beside it and prints it.
 
     python3 results/isoflops-dense/gain_vs_size.py [DIR]
 """
@@ -20,19 +21,16 @@ from scipy import stats
 from jtok.fit import load_results
 
 
-def regress(directory: Path, variant: str) -> dict | None:
-    pairs = [p for p in json.loads((directory / "fit.json").read_text())["paired_gains"]
-             if p["variant"] == variant]  # fmt: skip
-    runs = load_results(directory)
+def regress(runs: list[dict], variant: str) -> dict | None:
+    baseline = {(r["backbone"], r["budget"]): r for r in runs if r["variant"] == "baseline"}
     rows, gains = [], []
-    for pair in pairs:
-        budget = float(pair["amount"].removeprefix("C="))
-        run = next(r for r in runs
-                   if r["variant"] == variant and r["backbone"] == pair["backbone"]
-                   and r["budget"] and abs(r["budget"] / budget - 1) < 1e-6)  # fmt: skip
+    for run in runs:
+        base = baseline.get((run["backbone"], run["budget"]))
+        if run["variant"] != variant or base is None or not run["budget"]:
+            continue
         steps = run["curve"][-1][0]  # the last curve point is the final step
         rows.append([1.0, np.log2(run["config"]["model"]["d_model"]), np.log2(steps)])
-        gains.append(100 * pair["relative_gain"])
+        gains.append(100 * (1 - run["final_val_loss"] / base["final_val_loss"]))
     if len(rows) < 4:
         return None
     x, y = np.array(rows), np.array(gains)
@@ -53,7 +51,9 @@ def regress(directory: Path, variant: str) -> dict | None:
 
 def main() -> None:
     directory = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
-    result = {v: regress(directory, v) for v in ("jtokm", "jtok")}
+    runs = load_results(directory)
+    variants = sorted({r["variant"] for r in runs} - {"baseline"})
+    result = {v: regress(runs, v) for v in variants}
     (directory / "gain_vs_size.json").write_text(json.dumps(result, indent=2) + "\n")
     for variant, r in result.items():
         if r is None:
