@@ -195,6 +195,11 @@ def _amount_label(key: tuple) -> str:
     return f"{key[0]}={key[1]:.3g}"
 
 
+def amount_label(run: dict) -> str:
+    """The "amount" a paired gain or eta law names for this run ("C=2e+12", "D=3e+06")."""
+    return _amount_label(_amount_key(run))
+
+
 def eta_laws(runs: list[dict], baseline: str, loss_field: str = "final_val_loss") -> list[dict]:
     """One eta law per (variant, backbone, training amount) holding >= 3 distinct eta > 0."""
     groups: dict[tuple, list[dict]] = defaultdict(list)

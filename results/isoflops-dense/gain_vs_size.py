@@ -18,19 +18,20 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from jtok.fit import load_results
+from jtok.fit import amount_label, load_results, paired_gains
 
 
 def regress(runs: list[dict], variant: str) -> dict | None:
-    baseline = {(r["backbone"], r["budget"]): r for r in runs if r["variant"] == "baseline"}
     rows, gains = [], []
-    for run in runs:
-        base = baseline.get((run["backbone"], run["budget"]))
-        if run["variant"] != variant or base is None or not run["budget"]:
+    for pair in paired_gains(runs, "baseline"):  # seeds averaged, as in `jtok fit`
+        if pair["variant"] != variant or not pair["amount"].startswith("C="):
             continue
+        run = next(r for r in runs
+                   if r["variant"] == variant and r["backbone"] == pair["backbone"]
+                   and amount_label(r) == pair["amount"])  # fmt: skip
         steps = run["curve"][-1][0]  # the last curve point is the final step
         rows.append([1.0, np.log2(run["config"]["model"]["d_model"]), np.log2(steps)])
-        gains.append(100 * (1 - run["final_val_loss"] / base["final_val_loss"]))
+        gains.append(100 * pair["relative_gain"])
     if len(rows) < 4:
         return None
     x, y = np.array(rows), np.array(gains)

@@ -8,29 +8,24 @@ order of table LR. Writes summary.json beside results.jsonl and prints a markdow
 import json
 from pathlib import Path
 
-from jtok.fit import load_results
+from jtok.fit import load_results, paired_gains
 
 HERE = Path(__file__).parent
 
 
 def main() -> None:
     runs = load_results(HERE)  # the validated reader of `jtok fit`
-    loss: dict[str, dict[str, float]] = {}
-    table_lr: dict[str, float] = {}
-    for r in runs:
-        loss.setdefault(r["variant"], {})[r["backbone"]] = r["final_val_loss"]
-        # The baseline has no tables: its row goes first.
-        has_tables = r["N_n"] > 0
-        table_lr[r["variant"]] = r["config"]["train"]["table_lr_mult"] if has_tables else 0.0
-    backbones = sorted({b for by_backbone in loss.values() for b in by_backbone},
-                       key=lambda name: int(name[1:].split("-")[0]))  # fmt: skip
-    base = loss["baseline"]
-    summary = {
-        variant: {b: {"loss": by_backbone[b],
-                      "gain_pct": 100 * (1 - by_backbone[b] / base[b]) if b in base else None}
-                  for b in backbones if b in by_backbone}
-        for variant, by_backbone in sorted(loss.items(), key=lambda item: table_lr[item[0]])
-    }  # fmt: skip
+    pairs = paired_gains(runs, "baseline")
+    # The baseline has no tables: table LR 0 puts its row first.
+    table_lr = {r["variant"]: r["config"]["train"]["table_lr_mult"] if r["N_n"] > 0 else 0.0
+                for r in runs}  # fmt: skip
+    summary: dict[str, dict[str, dict]] = {"baseline": {}}
+    for p in pairs:
+        summary["baseline"][p["backbone"]] = {"loss": p["baseline_loss"], "gain_pct": 0.0}
+        summary.setdefault(p["variant"], {})[p["backbone"]] = {
+            "loss": p["loss"], "gain_pct": 100 * p["relative_gain"]}
+    summary = dict(sorted(summary.items(), key=lambda item: table_lr[item[0]]))
+    backbones = sorted(summary["baseline"], key=lambda name: int(name[1:].split("-")[0]))
     (HERE / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("| variant | table LR | " + " | ".join(backbones) + " |")
     print("|---|---|" + "---|" * len(backbones))
