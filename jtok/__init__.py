@@ -14,9 +14,11 @@ _EXPORTS = {
     "ConfigError": "jtok.config", "ModelConfig": "jtok.config", "MoEConfig": "jtok.config",
     "RunConfig": "jtok.config", "TokModConfig": "jtok.config", "TrainConfig": "jtok.config",
     "preset": "jtok.config", "count_flops": "jtok.flops", "count_params": "jtok.flops",
-    "summarize": "jtok.flops", "JTokModel": "jtok.model", "KVCache": "jtok.model",
-    "ModelOutput": "jtok.model", "build_model": "jtok.model", "train": "jtok.train",
-    "generate": "jtok.generate", "RowAdam": "jtok.optim", "JTokError": "jtok.errors",
+    "summarize": "jtok.flops", "JTokModel": "jtok.nn.model", "KVCache": "jtok.nn.model",
+    "ModelOutput": "jtok.nn.model", "build_model": "jtok.nn.model",
+    "train": "jtok.training.loop", "Optimizers": "jtok.training.optim",
+    "generate": "jtok.inference.generate", "RowAdam": "jtok.tables.row_adam",
+    "JTokError": "jtok.errors",
 }  # fmt: skip
 __all__ = sorted(_EXPORTS)
 

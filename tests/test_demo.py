@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from jtok.cli import main
-from jtok.demo import DemoError, run_demo
+from jtok.studies.demo import DemoError, run_demo
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq, minimize_scalar
 
-from jtok.fit import (
+from jtok.studies.fit import (
     RESULTS_FILE,
     FitError,
     LineFit,

@@ -4,7 +4,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from jtok.flops import count_flops, count_params, summarize
-from jtok.model import build_model
+from jtok.nn.model import build_model
 
 CASES = [
     ("tiny", {}),

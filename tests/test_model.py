@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import random_ids, tiny
 
-from jtok.model import KVCache, build_model
+from jtok.nn.model import KVCache, build_model
 
 VARIANTS = [
     ("tiny", {}),

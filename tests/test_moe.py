@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from jtok.config import MoEConfig
-from jtok.ffn import MoE, update_balance_bias
-from jtok.routing import route_topk
+from jtok.nn.ffn import MoE, update_balance_bias
+from jtok.nn.routing import route_topk
 
 
 def make_moe(seed=0, **kw):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from jtok.optim import RowAdam
+from jtok.tables.row_adam import RowAdam
 
 
 def reference_row_adam(p, grads_per_step, lr, betas, eps, wd):
@@ -54,7 +54,7 @@ def test_row_adam_refuses_dense_gradients():
 def test_row_adam_trains_a_jtokm_model_with_sparse_tables():
     from conftest import random_ids, tiny
 
-    from jtok.model import build_model
+    from jtok.nn.model import build_model
 
     cfg = tiny(tokmod__kind="jtokm", tokmod__sparse_grad="true")
     model = build_model(cfg)

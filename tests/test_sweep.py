@@ -4,7 +4,7 @@ import pytest
 
 from jtok.cli import main
 from jtok.flops import count_flops
-from jtok.sweep import SweepError, claim_run, finished_runs, plan, run_sweep
+from jtok.studies.sweep import SweepError, claim_run, finished_runs, plan, run_sweep
 
 
 def spec_dict(data_dir, budget=None):

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from conftest import random_ids, tiny
 
-from jtok.model import build_model
-from jtok.routing import balance_loss, route_topk
-from jtok.tokmod import JTokM
+from jtok.nn.model import build_model
+from jtok.nn.routing import balance_loss, route_topk
+from jtok.tables.mixers import JTokM
 
 
 def layer_table(model, layer):
@@ -252,7 +252,7 @@ def test_jtok_and_jtokm_can_sit_on_any_subset_of_layers():
 
 
 def test_fused_eq13_gradient_matches_autograd_of_the_plain_formula():
-    from jtok.tokmod import _AddScaledUnit
+    from jtok.tables.mixers import _AddScaledUnit
 
     torch.manual_seed(0)
     base = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_run_config
 
-from jtok import checkpoint as ckpt
 from jtok.cli import main
 from jtok.config import TrainConfig
-from jtok.optim import Optimizers, lr_factor, param_role
-from jtok.train import TrainingError, read_metrics, train
+from jtok.run import checkpoint as ckpt
+from jtok.training.loop import TrainingError, read_metrics, train
+from jtok.training.optim import Optimizers, lr_factor, param_role
 
 
 def losses(run_dir):
@@ -115,7 +115,7 @@ def test_refuses_a_non_empty_run_directory_unless_told(tiny_data, tmp_path, caps
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_data, tmp_path,
                                                                      monkeypatch):  # fmt: skip
-    import jtok.train as train_module
+    import jtok.training.loop as train_module
 
     real_loss, calls = train_module.lm_loss, {"n": 0}
 
@@ -276,7 +276,7 @@ def test_train_takes_a_run_config_file_with_overrides(tiny_data, tmp_path):
 
 
 def test_bits_per_byte_scale_to_the_share_of_text_evaluated():
-    from jtok.train import loss_report
+    from jtok.training.loop import loss_report
 
     # 101 ids -> 100 targets; all of them evaluated: bytes are the whole text's.
     full = loss_report(loss_sum=200.0, tokens=100, text_bytes=400, text_tokens=101)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jtok.checkpoint import load_run
 from jtok.data import load_manifest
+from jtok.run.checkpoint import load_run
 
 
 def block_output_stds(run_dir: Path, tokens: int = 8 * 256) -> list[float]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from jtok.fit import amount_label, load_results, paired_gains
+from jtok.studies.fit import amount_label, load_results, paired_gains
 
 
 def regress(runs: list[dict], variant: str) -> dict | None:

@@ -10,7 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
-from jtok.fit import load_results, t_interval
+from jtok.studies.fit import load_results, t_interval
 
 HERE = Path(__file__).parent
 

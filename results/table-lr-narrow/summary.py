@@ -8,7 +8,7 @@ order of table LR. Writes summary.json beside results.jsonl and prints a markdow
 import json
 from pathlib import Path
 
-from jtok.fit import load_results, paired_gains
+from jtok.studies.fit import load_results, paired_gains
 
 HERE = Path(__file__).parent
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from jtok.model import JTokModel, KVCache
+from jtok.nn.model import JTokModel, KVCache
 
 
 def filter_logits(logits_V: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jtok.config import ModelConfig
-from jtok.ffn import MoE, SwiGLU
-from jtok.tokmod import JTok, JTokM, TokenRows, TokenTables
+from jtok.nn.ffn import MoE, SwiGLU
+from jtok.tables.mixers import JTok, JTokM
+from jtok.tables.store import TokenRows, TokenTables
 
 
 class RMSNorm(nn.Module):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jtok.config import MoEConfig
-from jtok.routing import balance_loss, route_topk, selection_counts
+from jtok.nn.routing import balance_loss, route_topk, selection_counts
 
 
 class SwiGLU(nn.Module):

@@ -21,21 +21,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from jtok import checkpoint as ckpt
 from jtok import data
 from jtok.config import RunConfig
-from jtok.distributed import (
+from jtok.errors import JTokError
+from jtok.nn.ffn import MoE, update_balance_bias
+from jtok.nn.model import build_model
+from jtok.parallel.distributed import (
     DistEnv,
     all_reduce_mean_,
     average_gradients,
     barrier,
     init_distributed,
 )
-from jtok.distributed import shutdown as shutdown_distributed
-from jtok.errors import JTokError
-from jtok.ffn import MoE, update_balance_bias
-from jtok.model import build_model
-from jtok.optim import Optimizers, lr_factor
+from jtok.parallel.distributed import shutdown as shutdown_distributed
+from jtok.run import checkpoint as ckpt
+from jtok.training.optim import Optimizers, lr_factor
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"

@@ -212,7 +212,7 @@ def load_run(run_dir: Path, checkpoint: Path | None = None,
              device: torch.device | str = "cpu"):  # fmt: skip
     """(RunConfig, model with trained weights, checkpoint state) of a training run."""
     from jtok.config import ConfigError, RunConfig
-    from jtok.model import build_model
+    from jtok.nn.model import build_model
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from jtok.config import ModelConfig, TrainConfig
 from jtok.flops import summarize
-from jtok.model import build_model
-from jtok.optim import Optimizers
+from jtok.nn.model import build_model
+from jtok.training.optim import Optimizers
 
 VARIANTS = ("baseline", "jtok", "jtokm")
 

@@ -46,7 +46,6 @@ from typing import Any
 
 import torch
 
-from jtok.checkpoint import latest_checkpoint, write_json_atomic
 from jtok.config import (
     ConfigError,
     ModelConfig,
@@ -59,7 +58,8 @@ from jtok.config import (
 )
 from jtok.errors import JTokError
 from jtok.flops import count_flops, summarize
-from jtok.train import read_metrics, saved_config, train
+from jtok.run.checkpoint import latest_checkpoint, write_json_atomic
+from jtok.training.loop import read_metrics, saved_config, train
 
 RESULTS_FILE = "results.jsonl"
 SPEC_KEYS = {"name", "base", "axes", "budget", "warmup_fraction", "evals_per_run", "exclude"}

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 from jtok import data
-from jtok.checkpoint import latest_checkpoint, write_json_atomic
 from jtok.config import ModelConfig, RunConfig, TokModConfig, TrainConfig, config_differences
 from jtok.errors import JTokError
 from jtok.flops import summarize
-from jtok.train import read_metrics, saved_config, train
+from jtok.run.checkpoint import latest_checkpoint, write_json_atomic
+from jtok.training.loop import read_metrics, saved_config, train
 
 
 class DemoError(JTokError):

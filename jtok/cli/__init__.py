@@ -1,0 +1,55 @@
+"""The `jtok` command line.
+
+Every subcommand takes a model the same way: ``--preset NAME`` and/or ``--config FILE``
+(JSON or YAML), then any number of ``--set dotted.key=value`` overrides. User mistakes
+end with one line on stderr and exit status 2, never a traceback. One module per command
+group: `model` (info), `bench`, `data`, `run` (train, eval, sample), `studies` (sweep,
+fit, demo); `common` holds what they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from jtok.cli import bench, data, model, run, studies
+from jtok.errors import JTokError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jtok",
+        description="Token-indexed parameter scaling (JTok, JTok-M) for PyTorch language "
+        "models: build, count and benchmark models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    for group in (model, bench, data, run, studies):
+        group.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.preset_given = getattr(args, "preset", None) is not None
+    try:
+        code = args.handler(args)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
+        return code
+    except JTokError as err:
+        print(f"jtok {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jtok {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `jtok ... | head`: the reader left; quietly stop writing (and keep Python from
+        # complaining again while it flushes stdout at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""`jtok train`, `jtok eval`, `jtok sample`: a run directory's life."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from jtok.cli.common import UsageError, add_model_arguments, parse_overrides, run_override_key
+from jtok.config import ConfigError, ModelConfig, load_mapping, preset
+
+
+def resolve_run_config(args: argparse.Namespace):
+    from jtok.config import RunConfig
+    from jtok.training.loop import CONFIG_FILE
+
+    overrides = {run_override_key(k): v for k, v in parse_overrides(args.overrides).items()}
+    if args.data is not None:
+        overrides["train.data"] = str(args.data)
+    if args.resume:
+        if args.config is not None or args.preset_given:
+            raise UsageError("--resume continues the run's saved config; drop --preset/--config")
+        path = args.out / CONFIG_FILE
+        if not path.is_file():
+            raise UsageError(f"--resume: {args.out} holds no run (no {CONFIG_FILE})")
+        return RunConfig.from_json(path.read_text()).with_overrides(overrides)
+    if args.config is not None:
+        raw = load_mapping(args.config)
+        if "model" in raw or "train" in raw:
+            base = RunConfig.from_dict(raw)
+        else:
+            base = RunConfig(model=ModelConfig.from_dict(raw), train=_train_for(raw))
+    else:
+        model = preset(args.preset or "small")
+        if "model.vocab_size" not in overrides and "train.data" in overrides:
+            model = model.with_overrides({"vocab_size": _data_vocab(overrides["train.data"])})
+        base = RunConfig(model=model, train=_train_for(model.to_dict()))
+    return base.with_overrides(overrides)
+
+
+def _data_vocab(data_dir: str) -> int:
+    """A preset's vocab_size follows the data's tokenizer unless set explicitly."""
+    from jtok.data import load_manifest
+
+    return int(load_manifest(data_dir)["vocab_size"])
+
+
+def _train_for(model_dict: dict):
+    from jtok.config import TrainConfig
+
+    # Default sequence length: the trainer's, capped by the model's context.
+    return TrainConfig(seq_len=min(TrainConfig.seq_len, model_dict.get("max_seq_len", 256)))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from jtok.training.loop import train
+
+    run_cfg = resolve_run_config(args)
+    summary = train(run_cfg, args.out, resume=args.resume, overwrite=args.overwrite,
+                    progress=not args.no_progress)  # fmt: skip
+    if summary["is_main"] and "val_loss" in summary:
+        print(f"step {summary['steps']}: val loss {summary['val_loss']:.4f}, "
+              f"ppl {summary['val_ppl']:.2f}, bpb {summary['val_bpb']:.4f}")  # fmt: skip
+    return 0
+
+
+# ---- jtok eval / sample -----------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jtok import data
+    from jtok.config import RunConfig
+    from jtok.parallel.distributed import resolve_device
+    from jtok.run.checkpoint import load_run
+    from jtok.training.loop import CONFIG_FILE, TOKENIZER_FILE, evaluate, loss_report, validation
+
+    device = resolve_device(_saved_device(args.run, RunConfig, CONFIG_FILE))
+    run_cfg, model, state = load_run(args.run, args.checkpoint, device=device)
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        raise UsageError("--max-tokens must be positive")
+    if args.text is not None:
+        ids = data.encode_text_file(args.text, args.run / TOKENIZER_FILE)
+        seq_len = run_cfg.train.seq_len
+        batches = data.eval_batches(ids, "text", seq_len, run_cfg.train.batch_size,
+                                    args.max_tokens)  # fmt: skip
+        result = evaluate(model, batches, device, run_cfg.train.precision)
+        report = loss_report(result["loss_sum"], result["tokens"], len(args.text.read_bytes()),
+                             len(ids))  # fmt: skip
+    else:
+        manifest = data.load_manifest(run_cfg.train.data)
+        if state.get("tokenizer_sha256"):
+            data.check_tokenizer(manifest, state["tokenizer_sha256"])
+        if args.split not in manifest["splits"]:
+            raise UsageError(f"--split {args.split!r}: the data has {list(manifest['splits'])}")
+        report = validation(model, run_cfg, device, args.split, args.max_tokens)
+    report["step"] = state["step"]
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"step {report['step']}: loss {report['loss']:.4f}  ppl {report['ppl']:.2f}  "
+              f"bpb {report['bpb']:.4f}  ({report['tokens']:,} tokens)")  # fmt: skip
+    return 0
+
+
+def _saved_device(run_dir: Path, run_config_cls, config_file: str) -> str:
+    """The run's device preference ("auto" when the run cannot be read: load_run reports)."""
+    try:
+        return run_config_cls.from_json((run_dir / config_file).read_text()).train.device
+    except (OSError, ConfigError):
+        return "auto"
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from jtok.data import load_tokenizer
+    from jtok.inference.generate import generate
+    from jtok.run.checkpoint import load_run
+    from jtok.training.loop import TOKENIZER_FILE
+
+    if args.max_tokens <= 0:
+        raise UsageError("--max-tokens must be positive")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UsageError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
+    _, model, _ = load_run(args.run, args.checkpoint)  # CPU: generation is latency-bound
+    tokenizer = load_tokenizer(args.run / TOKENIZER_FILE)
+    prompt_ids = tokenizer.encode(args.prompt).ids
+    if not prompt_ids:
+        raise UsageError("--prompt encodes to no tokens")
+    if len(prompt_ids) >= model.cfg.max_seq_len:
+        raise UsageError(f"--prompt is {len(prompt_ids)} tokens; the model's context is "
+                         f"{model.cfg.max_seq_len}")  # fmt: skip
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    new_ids = generate(model, prompt_ids, args.max_tokens, args.temperature, args.top_k,
+                       args.top_p, args.seed, stop_id=eot)  # fmt: skip
+    new_ids = [i for i in new_ids if i != eot]
+    print(args.prompt + tokenizer.decode(new_ids))
+    return 0
+
+
+def register(sub) -> None:
+    tr = sub.add_parser(
+        "train",
+        help="train a model (single process or torchrun)",
+        description="Train a model on prepared data. The model comes from --preset or "
+        "--config (a model config, or a run config with model: and train: sections); "
+        "--set takes model.* and train.* keys (a bare key goes to the section that has "
+        "it). The resolved config is written to OUT/config.json. Launch with torchrun "
+        "for data parallelism.",
+    )
+    add_model_arguments(tr, default_preset=None)
+    tr.add_argument("--data", type=Path, help="prepared data directory (sets train.data)")
+    tr.add_argument("--out", type=Path, required=True, help="run directory")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start over in a non-empty --out (deletes its checkpoints)")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(handler=cmd_train)
+
+    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained run",
+                        description="Evaluate a run's latest (or given) checkpoint on a "
+                        "split of its data or on a text file.")  # fmt: skip
+    ev.add_argument("--run", type=Path, required=True, help="run directory")
+    ev.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: latest)")
+    source = ev.add_mutually_exclusive_group()
+    source.add_argument("--text", type=Path, help="a UTF-8 text file to evaluate on")
+    source.add_argument("--split", default="val", help="a split of the run's data")
+    ev.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(handler=cmd_eval)
+
+    sa = sub.add_parser("sample", help="generate text from a trained run",
+                        description="Continue a prompt with the KV cache.")  # fmt: skip
+    sa.add_argument("--run", type=Path, required=True, help="run directory")
+    sa.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: latest)")
+    sa.add_argument("--prompt", required=True)
+    sa.add_argument("--max-tokens", type=int, default=200)
+    sa.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    sa.add_argument("--top-k", type=int, default=50, help="0 = off")
+    sa.add_argument("--top-p", type=float, default=0.95)
+    sa.add_argument("--seed", type=int, default=0)
+    sa.set_defaults(handler=cmd_sample)
