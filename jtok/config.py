@@ -9,6 +9,7 @@ when a config is built, and every error names the offending field with its dotte
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -27,6 +28,14 @@ class ConfigError(JTokError, ValueError):
 def _require(ok: bool, field_path: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{field_path}: {message}")
+
+
+def _require_finite(obj: Any, prefix: str) -> None:
+    """Every float field of a config must be finite: NaN or Inf would train nonsense."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{f.name}: must be a finite number, got {value!r}")
 
 
 def _require_positive(obj: Any, prefix: str, *names: str) -> None:
@@ -75,14 +84,14 @@ class _ConfigBase:
         for dotted, value in overrides.items():
             *parents, leaf = dotted.split(".")
             node, hint_owner = data, type(self)
-            for i, part in enumerate(parents):
+            for part in parents:
                 sub = node.get(part) if isinstance(node, dict) else None
                 if not isinstance(sub, dict):
-                    raise ConfigError(f"{'.'.join(parents[: i + 1])}: unknown config section")
+                    raise unknown_key_error(type(self), dotted)
                 node, hint_owner = sub, _field_types(hint_owner)[part]
             hints = _field_types(hint_owner)
-            if leaf not in hints:
-                raise ConfigError(f"{dotted}: unknown config key (known: {', '.join(hints)})")
+            if leaf not in hints or dataclasses.is_dataclass(hints[leaf]):
+                raise unknown_key_error(type(self), dotted)
             node[leaf] = _coerce(value, hints[leaf], dotted) if isinstance(value, str) else value
         return type(self).from_dict(data)
 
@@ -107,6 +116,7 @@ class MoEConfig:
         return self.num_experts > 0
 
     def validate(self, prefix: str = "moe.") -> None:
+        _require_finite(self, prefix)
         _require(self.num_experts >= 0, prefix + "num_experts", "must be >= 0")
         _require(self.num_shared_experts >= 0, prefix + "num_shared_experts", "must be >= 0")
         _require(self.first_dense_layers >= 0, prefix + "first_dense_layers", "must be >= 0")
@@ -173,6 +183,7 @@ class TokModConfig:
         return {"none": 0, "jtok": 1, "jtokm": self.n_e}[self.kind]
 
     def validate(self, prefix: str = "tokmod.") -> None:
+        _require_finite(self, prefix)
         _require_choice(self.kind, prefix + "kind", TOKMOD_KINDS)
         _require_positive(self, prefix, "n_e", "top_k", "eps", "table_init_std")
         _require(
@@ -224,6 +235,7 @@ class ModelConfig(_ConfigBase):
         return sorted(self.tokmod.layers)
 
     def validate(self) -> None:
+        _require_finite(self, "")
         _require_positive(
             self, "", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
             "ffn_hidden", "rope_base", "max_seq_len", "norm_eps", "init_std",
@@ -257,7 +269,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 class TrainConfig(_ConfigBase):
     """How to train: data, batch, schedule, optimizer roles, evaluation and checkpoints.
 
-    Optimizer roles (see jtok.training.optim.param_role): "matrix" (attention / FFN / expert
+    Optimizer roles (see jtok.training.optim.parameter_roles): "matrix" (attention / FFN / expert
     weights) take lr and weight_decay; "embedding" (input embedding, head), "norm"
     (RMSNorm gains, JTok scales s_l) and "router" (MoE and JTok-M routers) take their lr
     multiplier and no decay; "table" (token-indexed tables) takes table_lr_mult and
@@ -306,6 +318,7 @@ class TrainConfig(_ConfigBase):
         self.validate()
 
     def validate(self, prefix: str = "") -> None:
+        _require_finite(self, prefix)
         _require_positive(self, prefix, "seq_len", "batch_size", "grad_accum", "steps",
                           "log_every", "keep_checkpoints", "eval_tokens")  # fmt: skip
         _require(self.lr > 0, prefix + "lr", f"must be positive, got {self.lr!r}")
@@ -377,17 +390,46 @@ def config_differences(recorded: dict[str, Any] | None, planned: RunConfig) -> l
 
 
 def load_mapping(path, what: str = "config") -> dict[str, Any]:
-    """A YAML or JSON file (YAML reads both) that must hold a mapping; errors name the file."""
+    """A YAML or JSON file (YAML reads both) that must hold a mapping.
+
+    Every failure is a one-line ConfigError naming the file: missing, a folder, binary or
+    not UTF-8, empty, a syntax error (``config my.yaml:3:7: mapping values are not
+    allowed here``) or content that is not a mapping."""
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        raw = Path(path).read_bytes()
     except OSError as err:
         raise ConfigError(f"cannot read {what} {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{what} {path} is not valid YAML/JSON: {err}") from None
+    if b"\0" in raw:
+        raise ConfigError(f"{what} {path} is a binary file, not YAML/JSON text")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        byte = raw[err.start]
+        raise ConfigError(f"{what} {path}: byte offset {err.start} (0x{byte:02x}) is not "
+                          "valid UTF-8") from None  # fmt: skip
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = " ".join(str(err.problem or err.context).split())
+        context = f" ({' '.join(err.context.split())})" if err.problem and err.context else ""
+        raise ConfigError(f"{what} {path}{where}: {problem}{context}") from None
+    except yaml.reader.ReaderError as err:
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
+        raise ConfigError(f"{what} {path}:{line}:{column}: unacceptable character "
+                          f"#x{err.character:04x} ({err.reason})") from None  # fmt: skip
+    except (yaml.YAMLError, RecursionError) as err:
+        message = " ".join(str(err).split()) or "nested too deeply"
+        raise ConfigError(f"{what} {path} is not valid YAML/JSON: {message}") from None
+    if data is None:
+        raise ConfigError(f"{what} {path} is empty")
     if not isinstance(data, dict):
-        raise ConfigError(f"{what} {path} must hold a mapping")
+        kind = {list: "a list", str: "a string", bool: "true/false"}.get(type(data), "a number")
+        raise ConfigError(f"{what} {path} must hold a mapping (key: value), not {kind}")
     return data
 
 
@@ -395,13 +437,62 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+_SECTION_NAMES = {"ModelConfig": "model", "TrainConfig": "train", "RunConfig": "run config",
+                  "MoEConfig": "moe", "TokModConfig": "tokmod"}  # fmt: skip
+
+
+def config_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every settable key of a config class, dotted (``tokmod.kind``, ``train.lr``)."""
+    keys = []
+    for name, hint in _field_types(cls).items():
+        is_section = dataclasses.is_dataclass(hint)
+        keys += config_keys(hint, f"{prefix}{name}.") if is_section else [prefix + name]
+    return keys
+
+
+def unknown_key_error(root: type, dotted: str, prefix: str = "") -> ConfigError:
+    """A one-line error for a key that config class `root` lacks (`prefix`: where `root`
+    sits, for the message): close matches, then the keys of the section the user probably
+    meant (the best match's, else the deepest one the key names)."""
+    keys = config_keys(root)
+    sections = {key.rpartition(".")[0] for key in keys}
+    leaf = dotted.rpartition(".")[2]
+    by_leaf: dict[str, list[str]] = {}
+    for key in keys:
+        by_leaf.setdefault(key.rpartition(".")[2], []).append(key)
+    close = difflib.get_close_matches(dotted, keys, n=3, cutoff=0.8) or [
+        key for name in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.6)
+        for key in by_leaf[name]
+    ][:4]  # fmt: skip
+    section = dotted.rpartition(".")[0]
+    while section and section not in sections:
+        section = section.rpartition(".")[0]
+    if dotted in sections:
+        section, message = dotted, "is a section, not a key"
+    elif close:
+        section = close[0].rpartition(".")[0]
+        message = f"unknown key (did you mean {' or '.join(prefix + c for c in close)}?)"
+    elif root is ModelConfig and leaf in TrainConfig.__dataclass_fields__:
+        message = f"unknown key ({leaf} is a train key, not a model key)"
+    else:
+        message = "unknown key"
+    start = section + "." if section else ""
+    listed = dict.fromkeys(
+        rest.split(".")[0] + (".*" if "." in rest else "")
+        for rest in (key[len(start):] for key in keys if key.startswith(start))
+    )
+    label = (prefix + start).rstrip(".") or _SECTION_NAMES.get(root.__name__, "config")
+    hint = " (`jtok config --preset tiny` lists them all)" if not section else ""
+    return ConfigError(f"{prefix}{dotted}: {message}; {label} keys: {', '.join(listed)}{hint}")
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected an object")
     hints = _field_types(cls)
-    unknown = sorted(set(data) - set(hints))
+    unknown = sorted(str(key) for key in data if key not in hints)
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown config key")
+        raise unknown_key_error(cls, unknown[0], prefix)
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]

@@ -137,3 +137,58 @@ def summarize(cfg: ModelConfig, seq_len: int | None = None) -> dict:
         "params": asdict(p),
         "forward_flops": asdict(f),
     }
+
+
+# ---- memory ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a model needs, by kind. A lower bound: the allocator's slack, an optimizer
+    step's temporaries, the framework itself and the data come on top."""
+
+    params: int  # fp32 weights, tables included
+    grads: int  # dense fp32 gradients; sparse table gradients hold the batch's rows only
+    optimizer: int  # AdamW: 2 fp32 moments; RowAdam: 2 fp32 moments + an int64 step per row
+    activations: int  # what one forward keeps for backward (0 when no batch is given)
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations
+
+
+def estimate_memory(
+    cfg: ModelConfig, training: bool = True, batch: int = 0, seq_len: int | None = None,
+    activation_bytes: int = 4,
+) -> MemoryEstimate:  # fmt: skip
+    """Bytes to hold `cfg`'s model (and, when `training`, its gradients and the trainer's
+    optimizer state), plus the activations of a forward over `batch` sequences of
+    `seq_len` tokens (default max_seq_len) when `batch` > 0.
+
+    Parameters are fp32. Training: every dense parameter has an fp32 gradient and AdamW's
+    two fp32 moments. Tables with ``tokmod.sparse_grad`` have a gradient of the batch's
+    rows only and RowAdam's two fp32 moments plus an int64 step per row; without it they
+    are dense parameters like the rest. Activations count, per token, the logits with
+    their gradient (fp32) and per layer the inputs of each matmul and of attention, at
+    `activation_bytes` per element (2 under bf16 autocast); training keeps every layer's,
+    inference one layer's at a time.
+    """
+    p = count_params(cfg)
+    d, tok = cfg.d_model, cfg.tokmod
+    dense, tables = p.backbone, p.token_params
+    sparse = tok.enabled and tok.sparse_grad
+    rows = tables // d
+    tokens = batch * (seq_len or cfg.max_seq_len)
+    grads = optimizer = 0
+    if training:
+        touched = min(rows, tokens * tok.tables_per_layer * len(cfg.tokmod_layers))
+        grads = 4 * dense + (4 * touched * d + 8 * touched if sparse else 4 * tables)
+        optimizer = 8 * (dense + tables) + (8 * rows if sparse else 0)
+    moe = cfg.moe
+    ffn = (moe.top_k + moe.num_shared_experts) * moe.expert_hidden if moe.enabled else 0
+    per_layer = 4 * d + 2 * cfg.n_kv_heads * cfg.head_dim + 3 * max(ffn, cfg.ffn_hidden)
+    per_layer += (2 + tok.tables_per_layer) * d if tok.enabled else 0
+    layers = cfg.n_layers if training else 1
+    per_token = layers * per_layer * activation_bytes + (2 if training else 1) * 4 * cfg.vocab_size
+    return MemoryEstimate(params=4 * (dense + tables), grads=grads, optimizer=optimizer,
+                          activations=tokens * per_token)  # fmt: skip

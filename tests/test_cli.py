@@ -66,7 +66,8 @@ def test_bad_yaml_is_a_user_error(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("model: [unclosed\n")
     code, _, err = run(["info", "--config", str(path)], capsys)
-    assert code == 2 and "not valid YAML" in err
+    assert code == 2 and f"{path}:2:1: expected ',' or ']'" in err  # file:line:column
+    assert len(err.splitlines()) == 1
 
 
 def test_bench_runs_and_reports_ratios(capsys):

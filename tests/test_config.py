@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -98,3 +99,50 @@ def test_paper_scale_presets_have_the_papers_sizes():
     moe = count_params(preset("moe-17b-a2b"))
     assert abs(moe.backbone - 17e9) / 17e9 < 0.02
     assert abs(moe.token_params - 43.6e9) / 43.6e9 < 0.005
+
+
+def test_every_float_field_refuses_nan_and_inf_naming_it():
+    from jtok.config import RunConfig, TrainConfig
+
+    nan, inf = float("nan"), float("inf")
+    with pytest.raises(ConfigError, match=r"^lr: must be a finite number, got nan$"):
+        TrainConfig(lr=nan)
+    with pytest.raises(ConfigError, match=r"^tokmod\.eps: must be a finite number, got inf$"):
+        ModelConfig(tokmod=TokModConfig(eps=inf))
+    with pytest.raises(ConfigError, match=r"^moe\.aux_weight: must be a finite"):
+        ModelConfig(moe=MoEConfig(aux_weight=-inf))
+    with pytest.raises(ConfigError, match=r"^model\.rope_base: must be a finite"):
+        RunConfig.from_json('{"model": {"rope_base": Infinity}}')
+    floats = [f.name for f in dataclasses.fields(TrainConfig) if f.type in ("float", float)]
+    assert "lr" in floats and "table_lr_mult" in floats and len(floats) >= 13
+    for name in floats:  # every one, whatever other check it has
+        with pytest.raises(ConfigError, match=rf"^train\.{name}: must be a finite"):
+            RunConfig().with_overrides({f"train.{name}": "nan"})
+
+
+def test_yaml_errors_are_one_line_with_file_line_and_column(tmp_path):
+    from jtok.config import load_mapping
+
+    path = tmp_path / "my.yaml"
+    path.write_text("model:\n  d_model: 64\n  tokmod: kind: jtok\n")
+    with pytest.raises(ConfigError) as err:
+        load_mapping(path)
+    assert str(err.value) == f"config {path}:3:15: mapping values are not allowed here"
+    path.write_bytes(b"\xef\xbb\xbfd_model: 64\n")  # a UTF-8 byte-order mark is fine
+    assert load_mapping(path) == {"d_model": 64}
+
+
+def test_unknown_keys_suggest_close_matches_and_list_their_section():
+    from jtok.config import RunConfig, unknown_key_error
+
+    message = str(unknown_key_error(RunConfig, "train.lr_mult"))
+    assert message.startswith("train.lr_mult: unknown key (did you mean train.")
+    assert "table_lr_mult" in message and "; train keys: data, seq_len," in message
+    assert "\n" not in message
+    with pytest.raises(ConfigError, match=r"^tokmod\.n_experts: unknown key \(did you mean "
+                                          r"moe\.num_experts"):  # fmt: skip
+        preset("tiny").with_overrides({"tokmod.n_experts": "4"})
+    data = preset("tiny").to_dict()
+    data[3] = "a non-string key"  # YAML allows them; the error must still be one line
+    with pytest.raises(ConfigError, match=r"^3: unknown key; model keys: vocab_size"):
+        ModelConfig.from_dict(data)

@@ -230,8 +230,11 @@ def test_undecodable_bytes_are_replaced_and_counted_exactly(tmp_path, monkeypatc
     rows = tmp_path / "bad.jsonl"
     rows.write_bytes(b'{"text": "json \xc3"}\n{"text": "lone \\ud800 escape"}\n')
     out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"bad\.txt: byte offset 14 \(0xff\) is not valid utf-8"):
+        run_prepare([tmp_path / "bad.txt", rows], out)  # strict by default
     messages = []
-    manifest = run_prepare([tmp_path / "bad.txt", rows], out, log=messages.append)
+    manifest = run_prepare([tmp_path / "bad.txt", rows], out, log=messages.append,
+                           errors="replace")  # fmt: skip
     assert manifest["undecodable_bytes_replaced"] == 2 + 2 + 3 + 1 + 1
     assert any("U+FFFD: 9" in m for m in messages)
     texts = all_documents(out)
@@ -277,10 +280,15 @@ def test_a_non_empty_out_dir_is_refused_untouched_unless_overwrite(tmp_path):
     with pytest.raises(DataError, match="not empty"):
         run_prepare([tmp_path / "in.txt"], out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --overwrite replaces a data directory whole, so it refuses one holding a user's file.
+    with pytest.raises(DataError, match=r"also holds 'keep\.txt'"):
+        run_prepare([tmp_path / "in.txt"], out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
+    (out / "keep.txt").unlink()
     manifest = run_prepare([tmp_path / "in.txt"], out, overwrite=True)
-    assert (out / "keep.txt").read_text() == "precious"
     assert open_split(out, "train").size == manifest["splits"]["train"]["tokens"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out"]  # no leftovers
 
 
 def test_bad_arguments_are_refused_before_anything_is_written(tmp_path):
@@ -311,11 +319,12 @@ def test_check_vocab_refuses_a_model_smaller_than_the_data_vocab(prepared):
         check_vocab(prepared, 299)
 
 
-def test_check_vocab_scans_the_splits_for_ids_the_manifest_does_not_admit(prepared):
+def test_check_vocab_refuses_a_split_that_no_longer_matches_its_manifest(prepared):
     ids = np.fromfile(prepared / "val.bin", dtype="<u2")
+    assert load_manifest(prepared)["splits"]["val"]["max_token_id"] == int(ids.max())
     ids[-2] = 4000
     ids.tofile(prepared / "val.bin")
-    with pytest.raises(DataError, match=r"val holds token id 4000 but .* vocab_size is 300"):
+    with pytest.raises(DataError, match=r"val\.bin does not match manifest\.json"):
         check_vocab(prepared, 300)
     assert max_token_id(ids, chunk=7) == 4000 == int(ids.max())
 

@@ -1,19 +1,21 @@
 """`jtok fit`: each fit recovers known parameters from synthetic data drawn from its law."""
 
 import argparse
+import hashlib
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 from scipy.optimize import brentq, minimize_scalar
 
+from jtok.cli import main
+from jtok.cli.studies import add_fit_arguments, cmd_fit
 from jtok.studies.fit import (
     RESULTS_FILE,
     FitError,
     LineFit,
-    add_fit_arguments,
-    cmd_fit,
     compute_saving,
     eta_laws,
     fit_eta_law,
@@ -376,8 +378,24 @@ def test_load_results_names_the_file_and_line_of_a_missing_field(tmp_path):
 
 def test_load_results_reports_a_bad_json_line(tmp_path):
     write_results(tmp_path, eta_sweep_runs()[:2], extra_lines=['{"name": "cut off'])
-    with pytest.raises(FitError, match=r"results\.jsonl:3: not valid JSON"):
+    with pytest.raises(FitError, match=r"results\.jsonl is corrupt at line 3: not JSON"):
         load_results(tmp_path / RESULTS_FILE)
+
+
+def test_load_results_drops_a_torn_last_line_with_a_warning(tmp_path):
+    # A sweep that died while appending leaves a last line without its newline.
+    runs = eta_sweep_runs()[:2]
+    (tmp_path / RESULTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in runs)
+                                         + '{"name": "cut off')  # fmt: skip
+    with pytest.warns(UserWarning, match="half-written last line"):
+        assert [r["name"] for r in load_results(tmp_path)] == [r["name"] for r in runs]
+
+
+def test_load_results_names_the_line_of_a_bad_record_after_blank_lines(tmp_path):
+    runs = eta_sweep_runs()[:2]
+    write_results(tmp_path, [runs[0]], extra_lines=["", json.dumps(dict(runs[1], eta=-1))])
+    with pytest.raises(FitError, match=r"results\.jsonl:3: field 'eta' must be non-negative"):
+        load_results(tmp_path)
 
 
 def test_load_results_ignores_unknown_fields_and_blank_lines(tmp_path):
@@ -440,8 +458,6 @@ def test_cmd_fit_json_prints_one_parseable_object(tmp_path, capsys):
 
 
 def test_jtok_fit_passes_window_and_noise_through_and_rejects_bad_ones(tmp_path, capsys):
-    from jtok.cli import main
-
     sweep = write_results(tmp_path / "sweep", isoflop_runs(sizes=7))
     assert main(["fit", str(sweep), "--json", "--no-plots", "--bootstrap", "20",
                  "--window", "5", "--noise", "0.01"]) == 0  # fmt: skip
@@ -470,8 +486,6 @@ def test_fit_out_keeps_a_variant_analysis_beside_the_main_one(tmp_path):
 
 
 def test_fit_variants_restricts_the_analysis_to_the_named_variants(tmp_path, capsys):
-    from jtok.cli import main
-
     runs = isoflop_runs()
     # A third variant, 5% worse everywhere, added to the grid later.
     extra = [dict(r, name="x" + r["name"], variant="jtokm-x",
@@ -494,3 +508,82 @@ def test_fit_variants_restricts_the_analysis_to_the_named_variants(tmp_path, cap
     assert main(["fit", str(grown), "--no-plots", "--variants", "baseline,jtokm-y"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "jtokm-y: no such variant" in err
+
+
+# ---- (6) bad input to `jtok fit`: one line on stderr, exit 2, nothing changed on disk ----
+
+
+def tree_digest(root) -> dict:
+    """Every path under `root`: the sha256 of a file, "dir" for a folder."""
+    return {str(path): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+            for path in root.rglob("*")}  # fmt: skip
+
+
+def assert_one_line_error(capsys, args, *, contains: str) -> None:
+    assert main(["fit", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("jtok fit: error: ") and captured.err.count("\n") == 1
+    assert contains in captured.err
+
+
+def test_jtok_fit_refuses_a_missing_or_file_dir_and_a_dir_without_results(tmp_path, capsys):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("not a sweep\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    before = tree_digest(tmp_path)
+    assert_one_line_error(capsys, [str(tmp_path / "absent")], contains="no such directory")
+    assert_one_line_error(capsys, [str(a_file)], contains="not a directory")
+    assert_one_line_error(capsys, [str(empty)], contains="run `jtok sweep` first")
+    assert tree_digest(tmp_path) == before  # nor was "absent" created
+
+
+def test_jtok_fit_names_the_corrupt_line_of_results(tmp_path, capsys):
+    sweep = write_results(tmp_path / "sweep", isoflop_runs(),
+                          extra_lines=["{oops", json.dumps(eta_sweep_runs()[0])])  # fmt: skip
+    before = tree_digest(tmp_path)
+    assert_one_line_error(capsys, [str(sweep), "--no-plots"],
+                          contains=f"{sweep / RESULTS_FILE} is corrupt at line "
+                                   f"{len(isoflop_runs()) + 1}")  # fmt: skip
+    assert tree_digest(tmp_path) == before
+
+
+def test_jtok_fit_refuses_an_out_that_is_a_file_before_computing(tmp_path, capsys):
+    sweep = write_results(tmp_path / "sweep", isoflop_runs())
+    out = tmp_path / "taken"
+    out.write_text("someone's notes\n")
+    before = tree_digest(tmp_path)
+    assert_one_line_error(capsys, [str(sweep), "--out", str(out)], contains="not a directory")
+    assert_one_line_error(capsys, [str(sweep), "--out", str(out / "fits")],
+                          contains=f"({out} is a file)")  # fmt: skip
+    assert tree_digest(tmp_path) == before
+
+
+def test_jtok_fit_refuses_a_read_only_out_before_computing(tmp_path, capsys, monkeypatch):
+    sweep = write_results(tmp_path / "sweep", isoflop_runs())
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "fit.json").write_text("{}\n")  # an earlier fit, to be kept
+    before = tree_digest(tmp_path)
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: make the check see what a user would
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+            False if os.fspath(path) == str(locked) and mode & os.W_OK
+            else real_access(path, mode, **kw)))  # fmt: skip
+    try:
+        for args in (["--out", str(locked)], ["--out", str(locked / "new" / "deeper")]):
+            assert_one_line_error(capsys, [str(sweep), "--no-plots", *args],
+                                  contains="not writable")  # fmt: skip
+    finally:
+        locked.chmod(0o755)
+    assert tree_digest(tmp_path) == before
+
+
+def test_jtok_fit_unknown_variant_changes_nothing(tmp_path, capsys):
+    sweep = write_results(tmp_path / "sweep", isoflop_runs())
+    before = tree_digest(tmp_path)
+    assert_one_line_error(capsys, [str(sweep), "--variants", "baseline,nope"],
+                          contains="nope: no such variant")  # fmt: skip
+    assert tree_digest(tmp_path) == before

@@ -64,3 +64,85 @@ def test_token_parameters_add_almost_no_flops():
     base = count_flops(tiny("tiny")).train
     jtokm = count_flops(tiny("tiny", tokmod__kind="jtokm")).train
     assert 1.0 < jtokm / base < 1.05
+
+
+MEMORY_CASES = [
+    ("tiny", {}),
+    ("tiny", {"tokmod__kind": "jtokm"}),  # sparse tables: RowAdam
+    ("tiny", {"tokmod__kind": "jtok", "tokmod__sparse_grad": "false"}),  # dense tables: AdamW
+    ("tiny-moe", {"tokmod__kind": "jtok", "tie_embeddings": "true"}),
+]
+
+
+@pytest.mark.parametrize("name, overrides", MEMORY_CASES)
+def test_memory_estimate_matches_a_real_training_step(name, overrides):
+    import torch
+    import torch.nn.functional as F
+
+    from jtok.config import TrainConfig
+    from jtok.flops import estimate_memory
+    from jtok.training.optim import Optimizers
+
+    cfg = tiny(name, **overrides)
+    model = build_model(cfg)
+    opts = Optimizers(model, TrainConfig())
+    B, T = 4, 32
+    ids = random_ids(cfg, batch=B, seq=T + 1)
+    saved = {}
+
+    def pack(t):  # every tensor the forward keeps for backward, each storage once
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids[:, :-1])
+        loss = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten()) + out.aux_loss
+    loss.backward()
+    params = list(model.parameters())  # a tied weight once
+    grads = [p.grad for p in params if p.grad is not None]
+    dense_grads = sum(g.nbytes for g in grads if not g.is_sparse)
+    opts.step()
+    state = [t for o in opts.optimizers for s in o.state.values() for t in s.values()
+             if torch.is_tensor(t)]  # fmt: skip
+    est = estimate_memory(cfg, training=True, batch=B, seq_len=T)
+
+    assert est.params == sum(p.nbytes for p in params)
+    sparse = cfg.tokmod.enabled and cfg.tokmod.sparse_grad
+    table_bytes = 4 * count_params(cfg).token_params
+    assert dense_grads == 4 * count_params(cfg).backbone + (0 if sparse else table_bytes)
+    sparse_grads = sum(g._values().nbytes + g._indices().nbytes for g in grads if g.is_sparse)
+    assert est.grads - dense_grads >= sparse_grads  # rows of every position: at most that
+    assert (est.grads == dense_grads) == (not sparse)
+    # AdamW's per-parameter step counters (a 4-byte scalar each) are all it leaves out.
+    scalars = sum(t.nbytes for t in state if t.ndim == 0)
+    assert sum(t.nbytes for t in state) - scalars == est.optimizer
+    # Activations: a lower bound of what autograd keeps, within a factor of two.
+    kept = sum(v for k, v in saved.items() if k not in {p.untyped_storage().data_ptr()
+                                                         for p in params})  # fmt: skip
+    assert 0.5 * kept < est.activations <= kept
+    assert estimate_memory(cfg, training=False).total == est.params  # inference, no batch
+
+
+def test_memory_check_compares_with_available_memory(monkeypatch):
+    from jtok.errors import JTokError
+    from jtok.parallel import resources
+
+    cfg = tiny(tokmod__kind="jtokm")
+    need = resources.check_memory(cfg, "cpu", training=True, what="x")  # fits: returns it
+    assert need.total == need.params + need.grads + need.optimizer and need.activations == 0
+    assert resources.check_memory([cfg, cfg], "cpu", True, "x").total == 2 * need.total
+    monkeypatch.setattr(resources, "available_memory", lambda device: need.total - 1)
+    with pytest.raises(JTokError, match=r"^jtok train needs at least .* MiB of memory \(params "
+                                        r".*\), but cpu has .* available"):  # fmt: skip
+        resources.check_memory(cfg, "cpu", training=True, what="jtok train")
+    resources.check_memory(cfg, "cpu", training=False, what="jtok eval")  # params only: fits
+    monkeypatch.setattr(resources, "available_memory", lambda device: None)  # unknown: no check
+    resources.check_memory(cfg, "meta", training=True, what="x", batch=10**9)
+
+
+def test_available_memory_reads_the_machine():
+    from jtok.parallel.resources import available_memory
+
+    cpu = available_memory("cpu")
+    assert cpu is None or cpu > 2**20
+    assert available_memory("meta") is None

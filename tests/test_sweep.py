@@ -1,3 +1,5 @@
+import contextlib
+import fcntl
 import json
 
 import pytest
@@ -159,23 +161,33 @@ def test_a_changed_spec_does_not_mix_with_runs_already_done(tiny_data, tmp_path)
     assert main(["sweep", str(path), "--out", str(out)]) == 2
 
 
+@contextlib.contextmanager
+def held_elsewhere(run_dir):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".jtok.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def test_a_run_locked_by_another_process_is_passed_over(tiny_data, tmp_path, capsys):
     spec = spec_dict(tiny_data, budget={"tokens": [256]})
     spec["axes"]["backbone"] = {"d64": {}}
     path = write_spec(tmp_path, spec)
     out = tmp_path / "sweep"
     logged = []
-    # Hold baseline's claim as a second sweep process would while it trains it.
-    with claim_run(out, "baseline__d64__D256") as claimed:
-        assert claimed
-        with claim_run(out, "baseline__d64__D256") as again:
-            assert not again  # a second claim on the same run fails while the first holds
+    # Hold baseline's lock as a second sweep process would while it trains it (flock
+    # belongs to an open file, so a lock taken on another open file stands in for it).
+    run_dir = out / "runs" / "baseline__d64__D256"
+    with held_elsewhere(run_dir):
+        with claim_run(out, "baseline__d64__D256") as claimed:
+            assert not claimed  # a claim fails while another holder has the run
         run_sweep(path, out, progress=False, log=logged.append)
     assert set(finished_runs(out)) == {"jtokm__d64__D256"}
     assert not (out / "runs" / "baseline__d64__D256" / "metrics.jsonl").exists()
     assert any("baseline__d64__D256: running in another process" in m for m in logged)
     # The command's summary does not count a run another process still holds as done.
-    with claim_run(out, "baseline__d64__D256"):
+    with held_elsewhere(run_dir):
         assert main(["sweep", str(path), "--out", str(out), "--no-progress"]) == 0
     assert "1 of 2 runs done, 1 still running in another process" in capsys.readouterr().out
     # Released (as when its holder finishes or dies), the next sweep takes it.
@@ -196,3 +208,28 @@ def test_only_selects_runs_by_name_pattern(tiny_data, tmp_path):
         run_sweep(path, tmp_path / "s", dry_run=True, only=["d24"])
     args = ["sweep", str(path), "--out", str(tmp_path / "s"), "--only", "x*", "--dry-run"]
     assert main(args) == 2
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda s: s.update(axes=[{"variant": "baseline"}]), "axes must map"),
+    (lambda s: s.update(budget=1e9), "budget must be"),
+    (lambda s: s.update(budget={"tokens": "many"}), "finite positive"),
+    (lambda s: s.update(budget={"tokens": [float("nan")]}), "finite positive"),
+    (lambda s: s.update(budget={"tokens": [float("inf")]}), "finite positive"),
+    (lambda s: s.update(warmup_fraction="lots"), "warmup_fraction"),
+    (lambda s: s.update(evals_per_run=2.5), "evals_per_run"),
+    (lambda s: s["axes"]["variant"].update(jtok=3), "must be a mapping"),
+    (lambda s: s["base"].update(train=[1, 2]), "base.train must be a mapping"),
+    (lambda s: s["base"]["train"].update(lr="fast"), "train.lr"),
+])
+def test_malformed_specs_give_one_line_and_write_nothing(tiny_data, tmp_path, capsys, change,
+                                                          needle):  # fmt: skip
+    spec = spec_dict(tiny_data)
+    change(spec)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec, allow_nan=True))
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

@@ -13,8 +13,9 @@ from conftest import tiny_model, tiny_run_config
 from jtok.cli import main
 from jtok.config import TrainConfig
 from jtok.run import checkpoint as ckpt
+from jtok.run.rundir import load_run
 from jtok.training.loop import TrainingError, read_metrics, train
-from jtok.training.optim import Optimizers, lr_factor, param_role
+from jtok.training.optim import Optimizers, RoleError, lr_factor, parameter_roles
 
 
 def losses(run_dir):
@@ -86,8 +87,8 @@ def test_two_process_torchrun_matches_single_process_training(tiny_data, tmp_pat
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
     for (_, x), (_, y) in zip(a, b, strict=True):
         assert x == pytest.approx(y, rel=2e-4)
-    w1 = ckpt.load_run(tmp_path / "single")[1].state_dict()
-    w2 = ckpt.load_run(tmp_path / "dist")[1].state_dict()
+    w1 = load_run(tmp_path / "single")[1].state_dict()
+    w2 = load_run(tmp_path / "dist")[1].state_dict()
     for key in w1:
         torch.testing.assert_close(w1[key], w2[key], rtol=1e-3, atol=1e-4, msg=key)
 
@@ -128,7 +129,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_data, 
     run = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"loss became nan at step 5.*step_00000004"):
         train(tiny_run_config(tiny_data), run, progress=False, log=lambda m: None)
-    _, model, state = ckpt.load_run(run)
+    _, model, state = load_run(run)
     assert state["step"] == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -172,7 +173,8 @@ def test_checkpoint_round_trip_restores_optimizer_state(tmp_path):
 
 def test_parameter_roles_and_their_hyperparameters():
     model = tiny_model("tiny-moe", tokmod__kind="jtokm")
-    roles = {name: param_role(name, p) for name, p in model.named_parameters()}
+    roles = {name: role for name, _, role in parameter_roles(model)}
+    assert len(roles) == len(list(model.parameters()))
     assert roles["token_tables.weight"] == "table"
     assert roles["embed.weight"] == roles["head.weight"] == "embedding"
     assert roles["blocks.0.ffn.router.weight"] == roles["blocks.0.tokmod.router"] == "router"
@@ -182,6 +184,36 @@ def test_parameter_roles_and_their_hyperparameters():
     groups = {g["role"]: g for g in Optimizers(model, cfg).param_groups}
     assert groups["table"]["lr"] == pytest.approx(4e-3) and groups["table"]["weight_decay"] == 0
     assert groups["matrix"]["weight_decay"] == 0.1 and groups["norm"]["weight_decay"] == 0
+
+
+def test_roles_survive_wrappers_and_an_undeclared_parameter_fails():
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = tiny_model("tiny-moe", tokmod__kind="jtokm")
+    expected = {id(p): role for _, p, role in parameter_roles(model)}
+
+    def roles_of(wrapped):
+        return {id(p): role for _, p, role in parameter_roles(wrapped)}
+
+    class Outer(torch.nn.Module):  # renames every parameter to inner.*
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+    assert roles_of(Outer()) == expected
+    assert roles_of(torch.compile(model)) == expected  # _orig_mod.*
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)  # module.*
+        assert {n for n, _, _ in parameter_roles(ddp)} >= {"module.token_tables.weight"}
+        assert roles_of(ddp) == expected
+    finally:
+        dist.destroy_process_group()
+
+    model.extra = torch.nn.Parameter(torch.zeros(3))  # a parameter no module type declares
+    with pytest.raises(RoleError, match="extra"):
+        parameter_roles(model)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
@@ -227,8 +259,8 @@ def test_bad_inputs_get_one_line_errors(tiny_data, tmp_path, capsys):
         (["train", "--preset", "tiny", "--data", str(tmp_path / "nowhere"), "--out",
           str(tmp_path / "r2")], "manifest"),
         (["train", "--out", str(tmp_path / "r3"), "--resume"], "no run"),
-        (["eval", "--run", str(tmp_path / "r3")], "not a training run"),
-        (["sample", "--run", str(tmp_path / "r3"), "--prompt", "x"], "not a training run"),
+        (["eval", "--run", str(tmp_path / "r3")], "no such run directory"),
+        (["sample", "--run", str(tmp_path / "r3"), "--prompt", "x"], "no such run directory"),
         (["train", "--preset", "tiny", "--data", str(tiny_data), "--set", "seq_len=4096",
           "--out", str(tmp_path / "r4")], "seq_len"),
     ]  # fmt: skip

@@ -42,7 +42,10 @@ def zipf_token_batches(vocab: int, batch: int, seq_len: int, n_batches: int,
     gen = torch.Generator().manual_seed(seed)
     probs = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64) ** exponent
     perm = torch.randperm(vocab, generator=gen)  # frequent ids scattered over the table
-    draws = torch.multinomial(probs, n_batches * batch * (seq_len + 1), True, generator=gen)
+    # Inverse-CDF sampling: torch.multinomial refuses more than 2**24 categories.
+    cdf = probs.cumsum(0)
+    uniform = torch.rand(n_batches * batch * (seq_len + 1), generator=gen, dtype=torch.float64)
+    draws = torch.searchsorted(cdf, uniform * cdf[-1]).clamp_(max=vocab - 1)
     ids = perm[draws].view(n_batches, batch, seq_len + 1)
     return list(ids)
 

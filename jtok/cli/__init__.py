@@ -3,8 +3,9 @@
 Every subcommand takes a model the same way: ``--preset NAME`` and/or ``--config FILE``
 (JSON or YAML), then any number of ``--set dotted.key=value`` overrides. User mistakes
 end with one line on stderr and exit status 2, never a traceback. One module per command
-group: `model` (info), `bench`, `data`, `run` (train, eval, sample), `studies` (sweep,
-fit, demo); `common` holds what they share.
+group: `model` (info, config), `bench`, `data`, `run` (train, eval, sample), `studies` (sweep,
+fit, demo); `common` holds what they share. Argument errors argparse finds (a bad int, an
+unknown choice) are one line too: `_Parser.error` raises instead of printing the usage.
 """
 
 from __future__ import annotations
@@ -13,16 +14,33 @@ import argparse
 import os
 import sys
 
+from jtok import __version__
 from jtok.cli import bench, data, model, run, studies
 from jtok.errors import JTokError
 
 
+class ArgumentsError(JTokError):
+    """argparse rejected the command line; `prog` is the (sub)command, e.g. "jtok bench"."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (main prints them), not usage + exit."""
+
+    def error(self, message: str):
+        raise ArgumentsError(self.prog, " ".join(message.split()))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jtok",
         description="Token-indexed parameter scaling (JTok, JTok-M) for PyTorch language "
         "models: build, count and benchmark models.",
     )
+    parser.add_argument("--version", action="version", version=f"jtok {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     for group in (model, bench, data, run, studies):
@@ -32,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except ArgumentsError as err:
+        print(f"{err.prog}: error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as done:  # --help, --version: printed, nothing to run
+        return done.code if isinstance(done.code, int) else 0
     args.preset_given = getattr(args, "preset", None) is not None
     try:
         code = args.handler(args)

@@ -1,8 +1,10 @@
-"""What every subcommand shares: --preset/--config/--set and the one-line UsageError."""
+"""What every subcommand shares: --preset/--config/--set, the one-line UsageError and
+argparse types that check numbers where they are parsed (one line, before anything runs)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from jtok.config import PRESETS, ModelConfig, load_mapping, preset
@@ -11,6 +13,37 @@ from jtok.errors import JTokError
 
 class UsageError(JTokError):
     """A mistake in the command line or its inputs; reported in one line."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _int_at_least(text: str, low: int, wanted: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str | None) -> None:
@@ -55,10 +88,17 @@ def resolve_model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def run_override_key(key: str) -> str:
-    """`--set` keys of `jtok train`: model.* / train.*; a bare key goes where it exists."""
-    from jtok.config import TrainConfig
+    """`--set` keys of `jtok train`: model.* / train.*; a bare key goes where it exists.
+
+    A bare key of neither section is a ConfigError naming close matches and the keys of
+    the section it probably belongs to (`lr_mult` -> train.table_lr_mult, ...)."""
+    from jtok.config import RunConfig, TrainConfig, unknown_key_error
 
     head = key.split(".", 1)[0]
     if head in ("model", "train"):
         return key
-    return f"train.{key}" if head in TrainConfig.__dataclass_fields__ else f"model.{key}"
+    if head in TrainConfig.__dataclass_fields__:
+        return f"train.{key}"
+    if head in ModelConfig.__dataclass_fields__:
+        return f"model.{key}"
+    raise unknown_key_error(RunConfig, key)

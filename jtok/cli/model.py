@@ -1,11 +1,19 @@
-"""`jtok info`: parameter counts and FLOPs of a model, counted from its config."""
+"""`jtok info`: parameter counts and FLOPs of a model, counted from its config.
+`jtok config`: every model and train key of a resolved run config, with its value."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from jtok.cli.common import UsageError, add_model_arguments, resolve_model_config
+from jtok.cli.common import (
+    UsageError,
+    add_model_arguments,
+    parse_overrides,
+    positive_int,
+    resolve_model_config,
+    run_override_key,
+)
 
 
 def _human(n: float) -> str:
@@ -56,6 +64,56 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_config(args: argparse.Namespace):
+    """The run config `jtok train` would start from with these --preset/--config/--set
+    (without --data): a preset's or a model config file's model with the trainer's
+    defaults (seq_len capped by the model's max_seq_len), or a run config file."""
+    from jtok.config import ModelConfig, RunConfig, TrainConfig, load_mapping, preset
+
+    overrides = {run_override_key(k): v for k, v in parse_overrides(args.overrides).items()}
+    if args.config is not None:
+        raw = load_mapping(args.config)
+        if "model" in raw or "train" in raw:  # a run config, as `jtok train` reads it
+            base = RunConfig.from_dict(raw)
+        else:
+            model = ModelConfig.from_dict(raw)
+            base = RunConfig(model=model, train=TrainConfig(seq_len=_default_seq_len(raw)))
+    elif args.preset is not None:
+        model = preset(args.preset)
+        base = RunConfig(model=model, train=TrainConfig(seq_len=_default_seq_len(model.to_dict())))
+    else:
+        raise UsageError("give --preset NAME or --config FILE")
+    return base.with_overrides(overrides)
+
+
+def _default_seq_len(model: dict) -> int:
+    from jtok.config import ModelConfig, TrainConfig
+
+    return min(TrainConfig.seq_len, model.get("max_seq_len", ModelConfig.max_seq_len))
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """{"model": {"moe": {"top_k": 2}}} -> {"model.moe.top_k": 2}."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    run_cfg = resolve_config(args)
+    if args.json:
+        print(run_cfg.to_json(indent=None))
+        return 0
+    for key, value in flatten(run_cfg.to_dict()).items():
+        # Each line's value is what --set takes: strings as they are, the rest as JSON.
+        print(f"{key} = {value if isinstance(value, str) else json.dumps(value)}")
+    return 0
+
+
 def register(sub) -> None:
     info = sub.add_parser(
         "info",
@@ -65,7 +123,19 @@ def register(sub) -> None:
         "Counted from the config alone: paper-scale models allocate nothing.",
     )
     add_model_arguments(info, default_preset=None)
-    info.add_argument("--seq-len", type=int, help="context length for attention FLOPs "
+    info.add_argument("--seq-len", type=positive_int, help="context length for attention FLOPs "
                       "(default: the model's max_seq_len)")  # fmt: skip
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(handler=cmd_info)
+
+    cfg = sub.add_parser(
+        "config",
+        help="every model and train key of a config, with its value",
+        description="Print every key of the run config `jtok train` would use with these "
+        "--preset/--config/--set (model.*, including model.moe.* and model.tokmod.*, and "
+        "train.*), one `key = value` per line, or with --json one JSON object that "
+        "`--config` reads back. Bare --set keys go to the section that has them.",
+    )
+    add_model_arguments(cfg, default_preset=None)
+    cfg.add_argument("--json", action="store_true", help="print one JSON object")
+    cfg.set_defaults(handler=cmd_config)

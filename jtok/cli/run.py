@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from jtok.cli.common import UsageError, add_model_arguments, parse_overrides, run_override_key
-from jtok.config import ConfigError, ModelConfig, load_mapping, preset
+from jtok.config import ModelConfig, load_mapping, preset
 
 
 def resolve_run_config(args: argparse.Namespace):
     from jtok.config import RunConfig
-    from jtok.training.loop import CONFIG_FILE
+    from jtok.run.rundir import saved_run_config
 
     overrides = {run_override_key(k): v for k, v in parse_overrides(args.overrides).items()}
     if args.data is not None:
@@ -20,10 +21,11 @@ def resolve_run_config(args: argparse.Namespace):
     if args.resume:
         if args.config is not None or args.preset_given:
             raise UsageError("--resume continues the run's saved config; drop --preset/--config")
-        path = args.out / CONFIG_FILE
-        if not path.is_file():
-            raise UsageError(f"--resume: {args.out} holds no run (no {CONFIG_FILE})")
-        return RunConfig.from_json(path.read_text()).with_overrides(overrides)
+        if args.overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
+        return saved_run_config(args.out).with_overrides(overrides)
+    if args.allow_change:
+        raise UsageError("--allow-change applies to --resume only")
     if args.config is not None:
         raw = load_mapping(args.config)
         if "model" in raw or "train" in raw:
@@ -56,8 +58,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jtok.training.loop import train
 
     run_cfg = resolve_run_config(args)
+    allow = {run_override_key(k.strip()) for k in args.allow_change or [] if k.strip()}
     summary = train(run_cfg, args.out, resume=args.resume, overwrite=args.overwrite,
-                    progress=not args.no_progress)  # fmt: skip
+                    allow_changes=allow, progress=not args.no_progress)  # fmt: skip
     if summary["is_main"] and "val_loss" in summary:
         print(f"step {summary['steps']}: val loss {summary['val_loss']:.4f}, "
               f"ppl {summary['val_ppl']:.2f}, bpb {summary['val_bpb']:.4f}")  # fmt: skip
@@ -67,17 +70,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---- jtok eval / sample -----------------------------------------------------------------
 
 
+def _check_run_arguments(args: argparse.Namespace) -> None:
+    if not args.run.is_dir():
+        raise UsageError(f"--run {args.run}: no such run directory")
+    if args.checkpoint is not None and not args.checkpoint.is_dir():
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such checkpoint folder")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from jtok import data
-    from jtok.config import RunConfig
     from jtok.parallel.distributed import resolve_device
-    from jtok.run.checkpoint import load_run
-    from jtok.training.loop import CONFIG_FILE, TOKENIZER_FILE, evaluate, loss_report, validation
+    from jtok.run.files import TOKENIZER_FILE
+    from jtok.run.rundir import load_run, resolve_data_dir, saved_run_config
+    from jtok.training.evaluate import evaluate, loss_report, validation
 
-    device = resolve_device(_saved_device(args.run, RunConfig, CONFIG_FILE))
-    run_cfg, model, state = load_run(args.run, args.checkpoint, device=device)
+    _check_run_arguments(args)
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise UsageError("--max-tokens must be positive")
+    if args.text is not None and not args.text.is_file():
+        raise UsageError(f"--text {args.text}: no such file")
+    saved = saved_run_config(args.run)
+    data_dir = None
+    if args.text is None:
+        data_dir = args.data if args.data is not None else resolve_data_dir(args.run, saved)
+        manifest = data.load_manifest(data_dir)
+        if args.split not in manifest["splits"]:
+            raise UsageError(f"--split {args.split!r}: the data has {list(manifest['splits'])}")
+    device = resolve_device(saved.train.device)
+    run_cfg, model, state = load_run(args.run, args.checkpoint, device=device)
     if args.text is not None:
         ids = data.encode_text_file(args.text, args.run / TOKENIZER_FILE)
         seq_len = run_cfg.train.seq_len
@@ -87,13 +107,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = loss_report(result["loss_sum"], result["tokens"], len(args.text.read_bytes()),
                              len(ids))  # fmt: skip
     else:
-        manifest = data.load_manifest(run_cfg.train.data)
         if state.get("tokenizer_sha256"):
             data.check_tokenizer(manifest, state["tokenizer_sha256"])
-        if args.split not in manifest["splits"]:
-            raise UsageError(f"--split {args.split!r}: the data has {list(manifest['splits'])}")
-        report = validation(model, run_cfg, device, args.split, args.max_tokens)
+        report = validation(model, run_cfg, device, args.split, args.max_tokens,
+                            data_dir=data_dir)  # fmt: skip
     report["step"] = state["step"]
+    if not math.isfinite(report["loss"]):
+        # A diverged checkpoint is not a result: say so, and exit non-zero.
+        raise UsageError(f"the loss of checkpoint step {state['step']} is {report['loss']}: "
+                         "the weights have diverged")  # fmt: skip
     if args.json:
         print(json.dumps(report))
     else:
@@ -102,24 +124,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _saved_device(run_dir: Path, run_config_cls, config_file: str) -> str:
-    """The run's device preference ("auto" when the run cannot be read: load_run reports)."""
-    try:
-        return run_config_cls.from_json((run_dir / config_file).read_text()).train.device
-    except (OSError, ConfigError):
-        return "auto"
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
-    from jtok.data import load_tokenizer
+    from jtok.data import EOT_TOKEN, load_tokenizer
     from jtok.inference.generate import generate
-    from jtok.run.checkpoint import load_run
-    from jtok.training.loop import TOKENIZER_FILE
+    from jtok.run.files import TOKENIZER_FILE
+    from jtok.run.rundir import load_run
 
+    _check_run_arguments(args)
     if args.max_tokens <= 0:
         raise UsageError("--max-tokens must be positive")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise UsageError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
+    finite = all(math.isfinite(v) for v in (args.temperature, args.top_p))
+    if not finite or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UsageError("need a finite --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
     _, model, _ = load_run(args.run, args.checkpoint)  # CPU: generation is latency-bound
     tokenizer = load_tokenizer(args.run / TOKENIZER_FILE)
     prompt_ids = tokenizer.encode(args.prompt).ids
@@ -128,7 +144,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if len(prompt_ids) >= model.cfg.max_seq_len:
         raise UsageError(f"--prompt is {len(prompt_ids)} tokens; the model's context is "
                          f"{model.cfg.max_seq_len}")  # fmt: skip
-    eot = tokenizer.token_to_id("<|endoftext|>")
+    eot = tokenizer.token_to_id(EOT_TOKEN)
     new_ids = generate(model, prompt_ids, args.max_tokens, args.temperature, args.top_k,
                        args.top_p, args.seed, stop_id=eot)  # fmt: skip
     new_ids = [i for i in new_ids if i != eot]
@@ -152,6 +168,9 @@ def register(sub) -> None:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out")
     tr.add_argument("--overwrite", action="store_true",
                     help="start over in a non-empty --out (deletes its checkpoints)")
+    tr.add_argument("--allow-change", action="append", metavar="KEY",
+                    help="with --resume: apply a change of KEY (e.g. train.lr) that a resume "
+                    "refuses by default; recorded in run.json (repeatable)")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(handler=cmd_train)
 
@@ -163,6 +182,7 @@ def register(sub) -> None:
     source = ev.add_mutually_exclusive_group()
     source.add_argument("--text", type=Path, help="a UTF-8 text file to evaluate on")
     source.add_argument("--split", default="val", help="a split of the run's data")
+    ev.add_argument("--data", type=Path, help="the run's data directory, if it moved")
     ev.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(handler=cmd_eval)

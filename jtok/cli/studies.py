@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -43,6 +44,57 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- jtok fit ---------------------------------------------------------------------------
+
+
+def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    from jtok.studies.fit import LOSS_FIELDS
+
+    parser.add_argument("dir", type=Path, metavar="DIR", help="sweep directory (results.jsonl)")
+    parser.add_argument("--json", action="store_true", help="print fit.json as one JSON object")
+    parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                        help="write fit_*.png figures (default: on)")  # fmt: skip
+    parser.add_argument("--baseline", default="baseline", metavar="NAME",
+                        help="variant label of the baseline (default: baseline)")  # fmt: skip
+    parser.add_argument("--treatment", default="jtokm", metavar="NAME",
+                        help="variant compared against it in the headline (default: jtokm)")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="resamples for confidence intervals, 0 = none (default: 1000)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="bootstrap seed")
+    parser.add_argument("--loss", choices=LOSS_FIELDS, default="final_val_loss",
+                        help="which loss of each run to fit (default: final_val_loss)")
+    parser.add_argument("--window", type=int, default=None, metavar="K",
+                        help="fit each isoFLOP parabola to the K sizes around the profile's "
+                             "best run, K >= 3 (default: all sizes)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, metavar="OUT",
+                        help="write fit.json, REPORT_fit.md and figures here (default: DIR)")
+    parser.add_argument("--noise", type=float, default=None, metavar="SIGMA",
+                        help="per-run loss sd (nats) for the bootstrap, e.g. a measured seed "
+                             "spread (default: the quadratics' residual spread)")  # fmt: skip
+    parser.add_argument("--variants", type=_variant_list, default=None, metavar="A,B,...",
+                        help="fit only these variants, comma-separated (default: all)")
+
+
+def _variant_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated variant names")
+    return names
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from jtok.studies.fit import format_summary, run_fit
+
+    if args.bootstrap < 0:
+        raise UsageError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    result = run_fit(args.dir, baseline=args.baseline, treatment=args.treatment,
+                     bootstrap=args.bootstrap, seed=args.seed, plots=args.plots,
+                     loss_field=args.loss, window=args.window, noise=args.noise,
+                     out=args.out, variants=args.variants)  # fmt: skip
+    print(json.dumps(result) if args.json else format_summary(result))
+    return 0
+
+
 def register(sub) -> None:
     sw = sub.add_parser(
         "sweep",
@@ -62,8 +114,6 @@ def register(sub) -> None:
     sw.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     sw.add_argument("--no-progress", action="store_true")
     sw.set_defaults(handler=cmd_sweep)
-
-    from jtok.studies.fit import add_fit_arguments, cmd_fit
 
     fit = sub.add_parser(
         "fit",

@@ -1,32 +1,41 @@
 """`prepare`: text in, a prepared data directory out (tokenizer, id files, manifest).
 
 See `jtok.data` for the directory's format. Inputs are streamed twice (train the
-tokenizer, then encode), so memory does not grow with the corpus.
+tokenizer, then encode), so memory does not grow with the corpus. Everything the user
+gave is checked before anything is written, and the output is built beside `out_dir`
+and swapped in whole (`jtok.data.outdir`), so a failure never damages existing data.
 """
-
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jtok.data.corpus import DEFAULT_CORPUS_NAME, default_corpus_wheel
 from jtok.data.format import (
     EOT_TOKEN,
+    ERRORS_MODES,
     FORMAT_VERSION,
     MANIFEST_FILE,
     SPLIT_FILES,
     TOKENIZER_FILE,
     DataError,
 )
-from jtok.data.sources import READ_BYTES, _documents, _ReadStats, _resolve_inputs, _Source
+from jtok.data.manifest import file_sha256, sample_sha256
+from jtok.data.outdir import check_out_dir, staged_directory
+from jtok.data.sources import (
+    _check_sources,
+    _documents,
+    _ReadStats,
+    _resolve_inputs,
+    _Source,
+    check_encoding,
+)
 from jtok.data.tokenizer import (
     _encode,
     _end_of_text_id,
@@ -34,11 +43,11 @@ from jtok.data.tokenizer import (
     _train_tokenizer,
     load_tokenizer,
     token_dtype,
+    vocab_size_of,
 )
+from jtok.io import write_json_atomic
 
-if TYPE_CHECKING:
-    pass
-
+DEFAULT_VAL_FRACTION = 0.005
 
 
 # ---- prepare ----------------------------------------------------------------------------
@@ -80,28 +89,26 @@ def _assign_splits(texts: Iterator[str], seed: int,
         yield ("val" if not any_val else split), text
 
 
-def _file_digest(path: str | os.PathLike) -> dict[str, Any]:
-    digest = hashlib.sha256()
+def _fsync(path: Path) -> None:
     with open(path, "rb") as file:
-        while block := file.read(READ_BYTES):
-            digest.update(block)
-    return {"sha256": digest.hexdigest(), "bytes": os.path.getsize(path)}
+        os.fsync(file.fileno())
 
 
-def _write_json_atomically(path: Path, data: dict) -> None:
-    """Write to a scratch file beside `path`, then rename: readers see all of it or none."""
-    fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as file:
-            os.chmod(scratch, 0o644)  # mkstemp makes it private; a manifest is for everyone
-            json.dump(data, file, indent=2)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(scratch, path)
-    except BaseException:
-        os.unlink(scratch)
-        raise
+def _source_record(source: _Source, stats: _ReadStats, hf_split: str) -> dict[str, Any]:
+    if source.kind == "hf":
+        digest = stats.stream_digests.get(source.location, hashlib.sha256())
+        return {"path": f"hf:{source.location}:{hf_split}", "sha256": digest.hexdigest(),
+                "bytes": stats.stream_bytes.get(source.location, 0)}  # fmt: skip
+    name = DEFAULT_CORPUS_NAME if source.kind == "default" else source.location
+    return {"path": name, "sha256": file_sha256(source.location),
+            "bytes": os.path.getsize(source.location)}  # fmt: skip
+
+
+def _same_files(sources: list[_Source], val_sources: list[_Source]) -> None:
+    train = {os.path.realpath(s.location) for s in sources}
+    for source in val_sources:
+        if os.path.realpath(source.location) in train:
+            raise DataError(f"{source.location} is both a training input and a --val file")
 
 
 def prepare(
@@ -114,8 +121,11 @@ def prepare(
     parquet_column: str = "text",
     hf_dataset: str | None = None,
     hf_split: str = "train",
-    val_fraction: float = 0.005,
+    val: list[str] | None = None,
+    val_fraction: float | None = None,
     seed: int = 0,
+    encoding: str = "utf-8",
+    errors: str = "strict",
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], Any] = print,
@@ -124,56 +134,74 @@ def prepare(
 
     `inputs` are files or globs: .jsonl (field `jsonl_field` of each line, which is also the
     field read from `hf_dataset` rows), .parquet (column `parquet_column`), anything else
-    text. With no inputs and no `hf_dataset` the default corpus is used. `tokenizer` is a
-    tokenizer.json or a folder holding one; without it a byte-level BPE of `vocab_size` is
-    trained on the train documents. Arguments, inputs, tokenizer and `out_dir` are checked
-    before anything is written; an error while reading removes what was written so far.
+    text. With no inputs and no `hf_dataset` the default corpus is used. The validation
+    split is either the files/globs `val` (read like the inputs) or a `val_fraction` of the
+    input documents (default 0.005), not both. Text and JSONL are decoded with `encoding`;
+    `errors` "strict" refuses undecodable bytes (naming file and offset), "replace" turns
+    each into U+FFFD and counts it. `tokenizer` is a tokenizer.json or a folder holding
+    one; without it a byte-level BPE of `vocab_size` is trained on the train documents.
+
+    Arguments, inputs (binary files are refused), tokenizer and `out_dir` are checked
+    before anything is written; the data is then built in a sibling directory and swapped
+    in, so any failure leaves `out_dir` as it was. `overwrite` replaces a directory that
+    holds only what prepare writes.
     """
+    if val is not None and val_fraction is not None:
+        raise DataError("give a validation set (--val) or --val-fraction, not both")
+    if val is not None and not val:
+        raise DataError("--val needs at least one file or glob")
+    if val_fraction is None:
+        val_fraction = DEFAULT_VAL_FRACTION
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if tokenizer is None and vocab_size < 257:
         raise DataError(f"vocab_size must be at least 257 (256 bytes + {EOT_TOKEN})")
+    if errors not in ERRORS_MODES:
+        raise DataError(f"errors must be one of {', '.join(ERRORS_MODES)}, got {errors!r}")
+    encoding = check_encoding(encoding)
     sources = _resolve_inputs(inputs)
+    val_sources = _resolve_inputs(val) if val else []
+    _same_files(sources, val_sources)
+    _check_sources(sources + val_sources, encoding)
+    loaded = load_tokenizer(tokenizer) if tokenizer is not None else None
+    out = check_out_dir(out_dir, overwrite)
     if hf_dataset is not None:
         sources.append(_Source("hf", hf_dataset))
     if not sources:
         sources = [_Source("default", str(default_corpus_wheel(log=log)))]
-    loaded = load_tokenizer(tokenizer) if tokenizer is not None else None
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"output directory {out} is not empty (overwrite=True replaces it)")
 
-    options = {"jsonl_field": jsonl_field, "parquet_column": parquet_column, "hf_split": hf_split}
-    outputs = [out / name for name in (MANIFEST_FILE, TOKENIZER_FILE, *SPLIT_FILES.values())]
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        for path in outputs:  # the manifest first: a stale one must not vouch for new files
-            path.unlink(missing_ok=True)
+    options = {"jsonl_field": jsonl_field, "parquet_column": parquet_column,
+               "hf_split": hf_split, "encoding": encoding, "errors": errors}  # fmt: skip
+
+    def labelled(stats: _ReadStats) -> Iterator[tuple[str, str]]:
+        if val_sources:
+            yield from (("train", text) for text in _documents(sources, options, stats))
+            yield from (("val", text) for text in _documents(val_sources, options, stats))
+        else:
+            yield from _assign_splits(_documents(sources, options, stats), seed, val_fraction)
+
+    with staged_directory(out, log) as stage:
         if loaded is None:
             log(f"training a byte-level BPE tokenizer (vocab_size={vocab_size}) on train text")
-            texts = _documents(sources, options, _ReadStats())
-            labelled = _assign_splits(texts, seed, val_fraction)
-            train_texts = (text for split, text in labelled if split == "train")
+            train_texts = (text for split, text in labelled(_ReadStats()) if split == "train")
             loaded = _train_tokenizer(train_texts, vocab_size, progress)
-            loaded.save(str(out / TOKENIZER_FILE))
+            loaded.save(str(stage / TOKENIZER_FILE))
             eot_id = loaded.token_to_id(EOT_TOKEN)
         else:
-            shutil.copyfile(_tokenizer_file(tokenizer), out / TOKENIZER_FILE)
+            shutil.copyfile(_tokenizer_file(tokenizer), stage / TOKENIZER_FILE)
             eot_id = _end_of_text_id(loaded, tokenizer)
-        vocab = loaded.get_vocab_size()
+        _fsync(stage / TOKENIZER_FILE)
+        vocab = vocab_size_of(loaded)
         dtype = token_dtype(vocab)
 
         from tqdm import tqdm
 
-        log(f"encoding {len(sources)} source(s) into {out}")
+        log(f"encoding {len(sources) + len(val_sources)} source(s) into {out}")
         stats = _ReadStats()
-        labelled = _assign_splits(_documents(sources, options, stats), seed, val_fraction)
-        sinks = {split: open(out / name, "wb") for split, name in SPLIT_FILES.items()}
+        sinks = {split: open(stage / name, "wb") for split, name in SPLIT_FILES.items()}
         bar = tqdm(desc="encoding", unit="B", unit_scale=True, disable=not progress)
         try:
-            counts = _encode(loaded, labelled, eot_id, dtype, sinks, bar.update)
+            counts = _encode(loaded, labelled(stats), eot_id, dtype, sinks, bar.update)
             for sink in sinks.values():
                 sink.flush()
                 os.fsync(sink.fileno())
@@ -181,41 +209,29 @@ def prepare(
             bar.close()
             for sink in sinks.values():
                 sink.close()
-
-        source_records = []
-        for source in sources:
-            if source.kind == "hf":
-                name = f"hf:{source.location}:{hf_split}"
-                digest = stats.stream_digests.get(source.location, hashlib.sha256())
-                record = {"sha256": digest.hexdigest(),
-                          "bytes": stats.stream_bytes.get(source.location, 0)}  # fmt: skip
-            else:
-                name = DEFAULT_CORPUS_NAME if source.kind == "default" else source.location
-                record = _file_digest(source.location)
-            source_records.append({"path": name, **record})
+        for split, count in counts.items():
+            count["sample_sha256"] = sample_sha256(stage / SPLIT_FILES[split])
         manifest = {
             "format_version": FORMAT_VERSION,
             "tokenizer": TOKENIZER_FILE,
-            "tokenizer_sha256": _file_digest(out / TOKENIZER_FILE)["sha256"],
+            "tokenizer_sha256": file_sha256(stage / TOKENIZER_FILE),
             "vocab_size": vocab,
             "eot_id": eot_id,
             "dtype": dtype.name,
             "splits": {s: {"file": SPLIT_FILES[s], **c} for s, c in counts.items()},
-            "sources": source_records,
+            "sources": [_source_record(s, stats, hf_split) for s in sources],
+            "val_sources": [_source_record(s, stats, hf_split) for s in val_sources],
+            "encoding": encoding,
+            "errors": errors,
             "undecodable_bytes_replaced": stats.undecodable_bytes,
             "seed": seed,
-            "val_fraction": val_fraction,
+            "val_fraction": None if val_sources else val_fraction,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        _write_json_atomically(out / MANIFEST_FILE, manifest)
-    except BaseException:
-        for path in outputs:  # leave no half-prepared directory behind
-            path.unlink(missing_ok=True)
-        raise
+        write_json_atomic(stage / MANIFEST_FILE, manifest)  # last: it vouches for the rest
     for split, count in counts.items():
         log(f"{split}: {count['tokens']:,} tokens, {count['documents']:,} documents, "
             f"{count['bytes']:,} bytes -> {out / SPLIT_FILES[split]}")  # fmt: skip
-    log(f"undecodable bytes replaced with U+FFFD: {stats.undecodable_bytes:,}")
+    if errors == "replace":
+        log(f"undecodable bytes replaced with U+FFFD: {stats.undecodable_bytes:,}")
     return manifest
-
-

@@ -20,7 +20,6 @@ ENCODE_BATCH_CHARS = 1 << 20  # text per encode_batch call: keeps every core bus
 _EOT_CANDIDATES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
 
 
-
 # ---- tokenizers -------------------------------------------------------------------------
 
 
@@ -79,6 +78,15 @@ def _train_tokenizer(texts: Iterator[str], vocab_size: int, progress: bool) -> T
     return tokenizer
 
 
+def vocab_size_of(tokenizer: Tokenizer) -> int:
+    """How many embedding rows the tokenizer's ids need: one past its largest id.
+
+    Usually its vocabulary size; larger when a loaded vocabulary skips ids.
+    """
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    return max(tokenizer.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest little-endian unsigned type that holds every id of the vocabulary."""
     return np.dtype("<u2" if vocab_size <= 1 << 16 else "<u4")
@@ -95,19 +103,26 @@ def _encode(
     """Write each (split, text) document's ids and an end-of-text id to its split's sink.
 
     Documents are encoded in batches of about ENCODE_BATCH_CHARS, so memory holds one
-    batch of text and ids at a time whatever the corpus size.
+    batch of text and ids at a time whatever the corpus size. Each split's count has
+    tokens, documents, bytes (UTF-8 of its text) and max_token_id (its largest id).
     """
-    counts = {split: {"tokens": 0, "documents": 0, "bytes": 0} for split in sinks}
+    limit = np.iinfo(dtype).max
+    counts = {split: {"tokens": 0, "documents": 0, "bytes": 0, "max_token_id": -1}
+              for split in sinks}  # fmt: skip
     batch: list[tuple[str, str]] = []
     batch_chars = 0
 
     def flush() -> None:
         encodings = tokenizer.encode_batch([text for _, text in batch], add_special_tokens=False)
         for (split, text), encoding in zip(batch, encodings, strict=True):
+            count = counts[split]
+            largest = max(max(encoding.ids, default=-1), eot_id)
+            if largest > limit:
+                raise DataError(f"the tokenizer made id {largest}, more than {dtype.name} holds")
             ids = np.array([*encoding.ids, eot_id], dtype=dtype)
             sinks[split].write(ids.tobytes())
             n_bytes = len(text.encode("utf-8"))
-            count = counts[split]
+            count["max_token_id"] = max(count["max_token_id"], largest)
             count["tokens"] += ids.size
             count["documents"] += 1
             count["bytes"] += n_bytes

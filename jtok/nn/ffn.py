@@ -52,6 +52,9 @@ class MoE(nn.Module):
     only shifts expert selection and is updated outside forward by `update_balance_bias`.
     """
 
+    # Optimizer roles of this module's parameters (jtok.training.optim.parameter_roles).
+    PARAM_ROLES = {"router.weight": "router", "w13": "matrix", "w2": "matrix"}
+
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg

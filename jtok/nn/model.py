@@ -25,6 +25,9 @@ from jtok.tables.store import TokenRows, TokenTables
 
 
 class RMSNorm(nn.Module):
+    # Optimizer roles of this module's parameters (jtok.training.optim.parameter_roles).
+    PARAM_ROLES = {"weight": "norm"}
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -156,6 +159,9 @@ class ModelOutput:
 
 class JTokModel(nn.Module):
     """Decoder-only LM; JTok / JTok-M per `cfg.tokmod`, MoE FFN per `cfg.moe`."""
+
+    # Optimizer roles of this module's parameters (jtok.training.optim.parameter_roles).
+    PARAM_ROLES = {"embed.weight": "embedding", "head.weight": "embedding"}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

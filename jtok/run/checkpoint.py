@@ -18,13 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from jtok.errors import JTokError
+from jtok.io import (
+    fsync_dir,
+    read_json,
+    write_json_atomic,  # noqa: F401  (demo imports it here; moves to jtok.io)
+)
+from jtok.run.files import CHECKPOINT_DIR
 
-CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
+STATE_FILE = "state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+# Fields every checkpoint's state.json has; a resume needs all of them.
+STATE_FIELDS = ("format_version", "step", "rng")
+TEMPORARY_PREFIXES = (".tmp-", ".old-")
 
 
 class CheckpointError(JTokError):
@@ -58,21 +69,49 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to `path` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    _fsync(tmp)
-    os.replace(tmp, path)
+def clean_temporary(run_dir: Path) -> list[str]:
+    """Remove folders a killed save left behind (``.tmp-*``, ``.old-*``); their names.
+
+    Call it only while holding the run's lock: a live save writes into such a folder.
+    """
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    removed = []
+    for entry in root.iterdir():
+        if entry.name.startswith(TEMPORARY_PREFIXES):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
+def is_healthy(ckpt_dir: Path) -> bool:
+    """Whether a checkpoint was saved while the loss was finite and not exploding.
+
+    Checkpoints written before this flag existed count as healthy."""
+    try:
+        return bool(read_state(ckpt_dir).get("healthy", True))
+    except CheckpointError:
+        return False
+
+
+def last_healthy_checkpoint(run_dir: Path) -> Path | None:
+    for ckpt_dir in reversed(list_checkpoints(run_dir)):
+        if is_healthy(ckpt_dir):
+            return ckpt_dir
+    return None
+
+
+def _persistent_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
+        state.pop("head.weight", None)
+    return state
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's persistent state, each tensor once (a tied head is stored as the embedding)."""
-    state = model.state_dict()
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
-        state.pop("head.weight", None)
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return {k: v.detach().contiguous().cpu() for k, v in _persistent_state(model).items()}
 
 
 def _split_optimizer_state(states: list[dict]) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -146,10 +185,14 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync(root)
+    fsync_dir(root)
     if keep is not None:
+        # Never rotate away the newest checkpoint saved while training was healthy: if the
+        # run diverges later, it is the one to go back to.
+        protected = last_healthy_checkpoint(run_dir)
         for stale in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale != protected:
+                shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -162,35 +205,87 @@ def _write_checkpoint_files(folder: Path, step: int, model: torch.nn.Module, opt
         tensors, rest = _split_optimizer_state(optimizers.state_dict())
         save_file(tensors, folder / "optimizer.safetensors")
         state["optimizer"] = rest
-    (folder / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     for name in os.listdir(folder):
         _fsync(folder / name)
 
 
 def read_state(ckpt_dir: Path) -> dict[str, Any]:
-    path = Path(ckpt_dir) / "state.json"
+    """A checkpoint's state.json, with the fields every checkpoint has."""
+    path = Path(ckpt_dir) / STATE_FILE
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read checkpoint state {path}: {err}") from None
+        state = read_json(path, "checkpoint state")
+    except JTokError as err:
+        raise CheckpointError(str(err)) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint state {path} is not a JSON object")
+    missing = [name for name in STATE_FIELDS if name not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint state {path} is missing {', '.join(missing)}; the checkpoint is "
+            "damaged: remove it to use an earlier one"
+        )
+    if state["format_version"] != FORMAT_VERSION or not isinstance(state["step"], int):
+        raise CheckpointError(f"checkpoint state {path}: format_version "
+                              f"{state['format_version']!r} or step {state['step']!r} is not "
+                              "one this jtok reads")  # fmt: skip
+    return state
+
+
+def _tensor_shapes(path: Path, what: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes in a safetensors file, from its header (no tensor data is read).
+
+    safetensors checks on open that the header's offsets fit in the file, so a truncated
+    file is caught here too."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {path} is missing") from None
+    except (OSError, SafetensorError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{what} {path} is damaged: {str(err).splitlines()[0]}") from None
+
+
+def validate_checkpoint(ckpt_dir: Path, model: torch.nn.Module, with_optimizer: bool) -> dict:
+    """Check that a checkpoint loads into `model` (which may be on the meta device) without
+    loading it: state fields, tensor names and shapes, and optimizer files. Returns state.
+
+    Run before anything in the run directory changes, so a bad checkpoint fails a resume
+    with one line and leaves the directory as it was."""
+    ckpt_dir = Path(ckpt_dir)
+    state = read_state(ckpt_dir)
+    shapes = _tensor_shapes(ckpt_dir / MODEL_FILE, "checkpoint weights")
+    expected = {k: tuple(v.shape) for k, v in _persistent_state(model).items()}
+    _check_fit(ckpt_dir, expected, shapes)
+    if with_optimizer:
+        if "optimizer" not in state:
+            raise CheckpointError(f"checkpoint {ckpt_dir} has no optimizer state")
+        _tensor_shapes(ckpt_dir / OPTIMIZER_FILE, "checkpoint optimizer state")
+    return state
+
+
+def _check_fit(ckpt_dir: Path, expected: dict[str, tuple], found: dict[str, tuple]) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k} {found[k]} vs {expected[k]}" for k in expected
+             if k in found and tuple(found[k]) != tuple(expected[k])]  # fmt: skip
+    if missing or unexpected or wrong:
+        parts = [f"{label} {items[:3]}" for label, items in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                 if items]  # fmt: skip
+        raise CheckpointError(f"checkpoint {ckpt_dir} does not fit the model: "
+                              + "; ".join(parts))  # fmt: skip
 
 
 def load_model_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
     """Load `model.safetensors` into `model`; every tensor must be present and fit."""
-    path = Path(ckpt_dir) / "model.safetensors"
+    path = Path(ckpt_dir) / MODEL_FILE
     try:
         tensors = load_file(path, device=str(next(model.parameters()).device))
     except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"cannot read weights {path}: {err}") from None
-    expected = model_tensors(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} does not fit the model: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}"
-        )
+        raise CheckpointError(f"cannot read weights {path}: {str(err).splitlines()[0]}") from None
+    expected = {k: tuple(v.shape) for k, v in _persistent_state(model).items()}
+    _check_fit(ckpt_dir, expected, {k: tuple(v.shape) for k, v in tensors.items()})
     model.load_state_dict(tensors, strict=False)  # strict=False: a tied head is not stored
 
 
@@ -199,33 +294,14 @@ def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizers=None) -> 
     state = read_state(ckpt_dir)
     load_model_weights(ckpt_dir, model)
     if optimizers is not None:
-        path = Path(ckpt_dir) / "optimizer.safetensors"
+        path = Path(ckpt_dir) / OPTIMIZER_FILE
         if "optimizer" not in state or not path.is_file():
             raise CheckpointError(f"checkpoint {ckpt_dir} has no optimizer state")
         device = str(next(model.parameters()).device)
-        optimizers.load_state_dict(_join_optimizer_state(load_file(path, device=device),
-                                                         state["optimizer"]))  # fmt: skip
+        try:
+            tensors = load_file(path, device=device)
+            optimizers.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
+        except (OSError, SafetensorError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"optimizer state {path} does not load: "
+                                  f"{str(err).splitlines()[0]}") from None  # fmt: skip
     return state
-
-
-def load_run(run_dir: Path, checkpoint: Path | None = None,
-             device: torch.device | str = "cpu"):  # fmt: skip
-    """(RunConfig, model with trained weights, checkpoint state) of a training run."""
-    from jtok.config import ConfigError, RunConfig
-    from jtok.nn.model import build_model
-
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{run_dir} is not a training run (no config.json)")
-    try:
-        run_cfg = RunConfig.from_json(config_path.read_text())
-    except ConfigError as err:
-        raise CheckpointError(f"{config_path}: {err}") from None
-    ckpt_dir = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
-    if ckpt_dir is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint yet")
-    model = build_model(run_cfg.model, device=device)
-    state = read_state(ckpt_dir)
-    load_model_weights(ckpt_dir, model)
-    return run_cfg, model.eval(), state

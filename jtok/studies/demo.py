@@ -5,6 +5,10 @@ sized for about ten minutes on two CPU cores. Writes a table to stdout, `summary
 (one entry per variant) and `loss_curves.png` into the output directory. Each variant is
 an ordinary run directory under `runs/`, so `jtok eval` and `jtok sample` work on it, and
 an interrupted demo resumes each run where it stopped.
+
+The variants train one after another, so their tokens/s figures are not a speed
+comparison (another process on the machine can slow one run and not the next): the table
+reports each run's own rate and points to `jtok bench`, which interleaves the variants.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from jtok import data
 from jtok.config import ModelConfig, RunConfig, TokModConfig, TrainConfig, config_differences
 from jtok.errors import JTokError
 from jtok.flops import summarize
-from jtok.run.checkpoint import latest_checkpoint, write_json_atomic
+from jtok.io import write_json_atomic
+from jtok.parallel.resources import check_output_dir
+from jtok.run.checkpoint import latest_checkpoint
 from jtok.training.loop import read_metrics, saved_config, train
 
 
@@ -61,6 +67,7 @@ def run_demo(out: Path, steps: int = 600, variants: list[str] | None = None,
              progress: bool = True, log=None) -> dict:  # fmt: skip
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
+    check_output_dir(out, "--out")  # a file or a read-only folder: one line, nothing written
     out.mkdir(parents=True, exist_ok=True)
     data_dir = ensure_data(out, log, progress)
     vocab = int(data.load_manifest(data_dir)["vocab_size"])
@@ -84,9 +91,6 @@ def run_demo(out: Path, steps: int = 600, variants: list[str] | None = None,
             train(run_cfg, run_dir, resume=resume, overwrite=not resume, progress=progress,
                   log=log)  # fmt: skip
         summary[name] = variant_summary(model_cfg, run_cfg.train, read_metrics(run_dir))
-    base_rate = summary.get("baseline", {}).get("tokens_per_s")
-    for entry in summary.values():
-        entry["step_time_ratio"] = base_rate / entry["tokens_per_s"] if base_rate else None
     write_json_atomic(out / "summary.json", summary)
     plot_loss_curves({name: read_metrics(out / "runs" / name) for name in summary},
                      out / "loss_curves.png")  # fmt: skip
@@ -112,18 +116,29 @@ def variant_summary(model_cfg: ModelConfig, train_cfg: TrainConfig, metrics: lis
     }
 
 
+def bench_command() -> str:
+    """The `jtok bench` line that times the demo's backbone and batch, interleaved."""
+    from jtok.config import preset
+
+    small, demo = preset("small").to_dict(), demo_backbone(DATA_VOCAB).to_dict()
+    sets = "".join(f" --set {k}={v}" for k, v in demo.items() if small[k] != v)
+    train = demo_train_config(Path("."), 1)
+    return f"jtok bench --preset small{sets} --seq-len {train.seq_len} --batch {train.batch_size}"
+
+
 def format_table(summary: dict) -> str:
     header = (f"{'variant':<10}{'backbone':>10}{'token params':>14}{'val loss':>10}"
-              f"{'bpb':>8}{'tok/s':>9}{'step time':>11}")  # fmt: skip
+              f"{'bpb':>8}{'tok/s':>9}")  # fmt: skip
     lines = [header]
     for name, s in summary.items():
-        ratio = s.get("step_time_ratio")
         lines.append(
             f"{name:<10}{s['backbone_params']:>10,}{s['token_params']:>14,}{s['val_loss']:>10.4f}"
             f"{s['val_bpb']:>8.4f}{s['tokens_per_s']:>9.0f}"
-            + (f"{ratio:>10.3f}x" if ratio else f"{'':>11}")
         )
-    return "\n".join(lines)
+    note = ("tok/s: each run's own rate; the runs train one after another, so another "
+            "process on the machine skews a comparison.\nTo compare speed, time the variants "
+            f"interleaved: {bench_command()}")  # fmt: skip
+    return "\n".join([*lines, "", note])
 
 
 def plot_loss_curves(metrics: dict[str, list[dict]], path: Path) -> None:

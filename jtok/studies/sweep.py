@@ -46,20 +46,28 @@ from typing import Any
 
 import torch
 
+from jtok import data
 from jtok.config import (
     ConfigError,
     ModelConfig,
     RunConfig,
     TrainConfig,
-    config_differences,
     effective_dict,
     load_mapping,
     preset,
 )
 from jtok.errors import JTokError
 from jtok.flops import count_flops, summarize
-from jtok.run.checkpoint import latest_checkpoint, write_json_atomic
-from jtok.training.loop import read_metrics, saved_config, train
+from jtok.io import append_jsonl, read_jsonl, write_json_atomic
+from jtok.run.checkpoint import latest_checkpoint
+from jtok.run.lock import try_lock, unlock
+from jtok.run.rundir import (
+    data_fingerprint,
+    differences_ignoring_data_path,
+    read_metrics,
+    run_differences,
+)
+from jtok.training.loop import train
 
 RESULTS_FILE = "results.jsonl"
 SPEC_KEYS = {"name", "base", "axes", "budget", "warmup_fraction", "evals_per_run", "exclude"}
@@ -90,6 +98,12 @@ class PlannedRun:
 def _base_config(base: dict[str, Any]) -> RunConfig:
     if not isinstance(base, dict):
         raise SweepError("sweep spec: base must be a mapping")
+    unknown = sorted(set(base) - {"preset", "model", "train"})
+    if unknown:
+        raise SweepError(f"sweep spec: base has unknown key {unknown[0]!r} (preset, model, train)")
+    for section in ("model", "train"):
+        if not isinstance(base.get(section, {}), dict):
+            raise SweepError(f"sweep spec: base.{section} must be a mapping")
     model = preset(base["preset"]) if "preset" in base else ModelConfig()
     model_dict = _deep_merge(model.to_dict(), base.get("model", {}))
     train_dict = _deep_merge(TrainConfig(seq_len=model.max_seq_len).to_dict(),
@@ -161,6 +175,21 @@ def _is_excluded(labels: dict[str, str], amount: float, rules: list[Exclusion]) 
                for wanted, chosen in rules)  # fmt: skip
 
 
+def _spec_number(spec: dict, key: str, default, low, high, integer: bool = False):
+    """A top-level number of the spec, checked: finite, within [low, high]."""
+    value = spec.get(key, default)
+    if value is None:
+        return None
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if not ok or not math.isfinite(value) or value < low or (high is not None and value > high):
+        span = f"[{low}, {high}]" if high is not None else f">= {low}"
+        what = "an integer" if integer else "a number"
+        raise SweepError(f"sweep spec: {key} must be {what} in {span}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
 def plan(spec: dict[str, Any]) -> list[PlannedRun]:
     """Every run of the grid, in a fixed order, with its resolved config."""
     unknown = sorted(set(spec) - SPEC_KEYS)
@@ -168,21 +197,28 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
         raise SweepError(f"sweep spec: unknown key {unknown[0]!r} (known: {sorted(SPEC_KEYS)})")
     base = _base_config(spec.get("base", {}))
     axes: dict[str, dict[str, dict]] = spec.get("axes") or {}
+    if not isinstance(axes, dict):
+        raise SweepError("sweep spec: axes must map axis names to {value name: overrides}")
     budget = spec.get("budget") or {}
-    if len(budget) != 1 or next(iter(budget)) not in ("flops", "tokens"):
+    if (not isinstance(budget, dict) or len(budget) != 1
+            or next(iter(budget)) not in ("flops", "tokens")):  # fmt: skip
         raise SweepError("sweep spec: budget must be {flops: [...]} or {tokens: [...]}")
     kind, values = next(iter(budget.items()))
     try:  # YAML reads 1e14 (no dot) as a string
         values = [float(v) for v in values] if isinstance(values, list) else []
     except (TypeError, ValueError):
         values = []
-    if not values or min(values) <= 0:
-        raise SweepError(f"sweep spec: budget.{kind} must be a list of positive numbers")
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise SweepError(f"sweep spec: budget.{kind} must be a list of finite positive numbers")
     for axis, options in axes.items():
         if not isinstance(options, dict) or not options:
             raise SweepError(f"sweep spec: axis {axis!r} must map value names to overrides")
-    warmup_fraction = spec.get("warmup_fraction")
-    evals = int(spec.get("evals_per_run", 4))
+        for name, overrides in options.items():
+            if overrides is not None and not isinstance(overrides, dict):
+                raise SweepError(f"sweep spec: axis {axis!r} value {name!r} must be a mapping "
+                                 f"of dotted keys to values, got {overrides!r}")  # fmt: skip
+    warmup_fraction = _spec_number(spec, "warmup_fraction", None, 0.0, 1.0)
+    evals = _spec_number(spec, "evals_per_run", 4, 1, None, integer=True)
     excluded = _exclusions(spec.get("exclude"), axes, values)
     runs, seen_configs = [], set()
     for combo in itertools.product(*[list(opts.items()) for opts in axes.values()]):
@@ -224,30 +260,27 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
 
 
 def finished_runs(out: Path) -> dict[str, dict[str, Any]]:
-    """name -> the config each finished run of OUT/results.jsonl trained with."""
+    """name -> the result line of each finished run of OUT/results.jsonl."""
     path = Path(out) / RESULTS_FILE
     if not path.is_file():
         return {}
     with open(path) as f:  # shared lock: never read a line another process is appending
         fcntl.flock(f, fcntl.LOCK_SH)
-        text = f.read()
-        fcntl.flock(f, fcntl.LOCK_UN)
-    finished = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
         try:
-            record = json.loads(line)
-            finished[record["name"]] = record.get("config")
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise SweepError(f"{path}:{number}: not a sweep result line") from None
+            records = read_jsonl(path, "sweep results")
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    finished = {}
+    for number, record in enumerate(records, 1):
+        if not isinstance(record.get("name"), str):
+            raise SweepError(f"{path}: record {number} is not a sweep result (no name)")
+        finished[record["name"]] = record
     return finished
 
 
-def _refuse_changed(run: PlannedRun, where: str, recorded: dict[str, Any] | None) -> None:
+def _refuse_changed(run: PlannedRun, where: str, changed: list[str]) -> None:
     """A spec (or a default) changed under a run already started or finished: mixing the two
     configurations in one study would be silent, so stop and say what changed."""
-    changed = config_differences(recorded, run.config)
     if changed:
         more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
         shown = "; ".join(changed[:3]) + more
@@ -287,6 +320,8 @@ def result_record(run: PlannedRun, run_dir: Path) -> dict[str, Any]:
         "best_val_loss": min(r["val_loss"] for r in val),
         "curve": [[r["step"], r["step"] * per_step, r["val_loss"]] for r in val],
         "config": run.config.to_dict(),
+        # The data compared by content, not path: a moved or rebuilt copy still matches.
+        "data_fingerprint": data_fingerprint(data.load_manifest(run.config.train.data)),
         # Where it ran, for reading timings (and bitwise reproduction: the thread count
         # changes the floating-point reduction order on CPU).
         "machine": {"device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -297,12 +332,14 @@ def result_record(run: PlannedRun, run_dir: Path) -> dict[str, Any]:
 
 
 def append_result(out: Path, record: dict[str, Any]) -> None:
-    """Append one line under an exclusive lock (several shards may share the file)."""
-    with open(Path(out) / RESULTS_FILE, "a") as f:
+    """Append one line under an exclusive lock (several processes may share the file)."""
+    path = Path(out) / RESULTS_FILE
+    with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        fcntl.flock(f, fcntl.LOCK_UN)
+        try:
+            append_jsonl(path, record)
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -321,30 +358,27 @@ def _check_recorded(run: PlannedRun, out: Path, finished: dict[str, dict]) -> No
     """Refuse a run whose result line or checkpoint was made under another config."""
     run_dir = out / "runs" / run.name
     if run.name in finished:
-        _refuse_changed(run, str(out / RESULTS_FILE), finished[run.name])
+        record = finished[run.name]
+        changed = differences_ignoring_data_path(record.get("config"), run.config,
+                                                 record.get("data_fingerprint"))  # fmt: skip
+        _refuse_changed(run, str(out / RESULTS_FILE), changed)
     elif latest_checkpoint(run_dir) is not None:
-        _refuse_changed(run, str(run_dir), saved_config(run_dir))
+        _refuse_changed(run, str(run_dir), run_differences(run_dir, run.config))
 
 
 @contextlib.contextmanager
 def claim_run(out: Path, name: str):
-    """Yield True while this process holds `name`'s lock, False if another process holds it.
-
-    The lock file sits beside the run directory (a fresh run may clear its directory), and
-    the kernel drops the lock when its holder dies, so a killed sweep never leaves a run
-    claimed."""
-    lock_dir = Path(out) / "runs"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{name}.lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Yield True while this process holds the run directory's lock (jtok.run.lock, the
+    trainer's own), False if another process holds it. The kernel drops the lock when its
+    holder dies, so a killed sweep never leaves a run claimed."""
+    run_dir = Path(out) / "runs" / name
+    if not try_lock(run_dir):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        unlock(run_dir)
 
 
 def select_runs(runs: list[PlannedRun], shard: tuple[int, int],

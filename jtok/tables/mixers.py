@@ -83,6 +83,9 @@ def _unit(rows: Tensor, eps: float) -> Tensor:
 class JTok(nn.Module):
     """One table per layer gating the FFN update: h' = h~ + m * (1 + s * u) (Eq 7-9)."""
 
+    # Optimizer roles of this module's parameters (jtok.training.optim.parameter_roles).
+    PARAM_ROLES = {"scale": "norm"}
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.eps = cfg.tokmod.eps
@@ -115,6 +118,9 @@ class JTokM(nn.Module):
     context. Measured on docs-en (n_e = 4, K = 1, 3M tokens): 4% worse than the baseline.
     Use K >= 2.
     """
+
+    # Optimizer roles of this module's parameters (jtok.training.optim.parameter_roles).
+    PARAM_ROLES = {"router": "router", "scale": "norm"}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

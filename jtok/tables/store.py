@@ -35,6 +35,9 @@ class TokenRows:
 class TokenTables(nn.Module):
     """Every token-indexed table of a model, one (d,) row per (layer, token, table)."""
 
+    # Optimizer roles of this module's parameters (jtok.training.optim.parameter_roles).
+    PARAM_ROLES = {"weight": "table"}
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.layers = cfg.tokmod_layers

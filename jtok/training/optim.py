@@ -2,28 +2,65 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from jtok.errors import JTokError
+from jtok.schedule import lr_factor  # noqa: F401  (the trainer imports it from here)
 from jtok.tables.row_adam import RowAdam
+from jtok.tables.store import TokenTables
 
 # ---- optimizer roles and schedule --------------------------------------------------------
 
 ROLES = ("matrix", "embedding", "norm", "router", "table")
 
 
-def param_role(name: str, param: torch.nn.Parameter) -> str:
-    """The optimizer role of a parameter, from its name in `JTokModel.named_parameters`."""
-    if name.startswith("token_tables."):
-        return "table"
-    if name in ("embed.weight", "head.weight"):
-        return "embedding"
-    if name.endswith(".router.weight") or name.endswith(".tokmod.router"):
-        return "router"
-    if param.ndim < 2:
-        return "norm"  # RMSNorm gains and the JTok / JTok-M scales s_l
-    return "matrix"
+class RoleError(JTokError):
+    """A trainable parameter has no optimizer role, or two."""
+
+
+def parameter_roles(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter, str]]:
+    """(name, parameter, role) for every trainable parameter, each parameter once.
+
+    Roles come from module types, not from parameter names: a module class declares the
+    roles of its parameters in ``PARAM_ROLES`` (a path relative to the module -> role), and
+    any other ``nn.Linear`` weight is a "matrix". Parameters are matched by identity, so a
+    wrapper that renames them (DDP's ``module.``, torch.compile's ``_orig_mod.``, FSDP2's
+    subclassed modules) changes nothing. Every trainable parameter must get exactly one
+    role (nanochat asserts the same): a new parameter type fails loudly here instead of
+    silently joining the matrices.
+    """
+    declared: dict[int, str] = {}
+    for module in model.modules():
+        for path, role in getattr(type(module), "PARAM_ROLES", {}).items():
+            try:
+                param = module.get_parameter(path)
+            except AttributeError:
+                continue  # e.g. an optional submodule this instance does not have
+            if declared.setdefault(id(param), role) != role:
+                raise RoleError(f"parameter {type(module).__name__}.{path} is declared both "
+                                f"{declared[id(param)]!r} and {role!r}")  # fmt: skip
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            for param in module.parameters(recurse=False):
+                declared.setdefault(id(param), "matrix")
+    result = []
+    for name, param in model.named_parameters():  # tied parameters appear once
+        if not param.requires_grad:
+            continue
+        role = declared.get(id(param))
+        if role is None:
+            raise RoleError(f"parameter {name} has no optimizer role: declare it in its "
+                            "module's PARAM_ROLES")  # fmt: skip
+        if role not in ROLES:
+            raise RoleError(f"parameter {name} has unknown role {role!r} (roles: {ROLES})")
+        result.append((name, param, role))
+    return result
+
+
+def sparse_table_params(model: torch.nn.Module) -> set[int]:
+    """ids of table parameters trained with sparse gradients (by RowAdam)."""
+    return {id(p) for m in model.modules() if isinstance(m, TokenTables) and m.sparse_grad
+            for p in m.parameters(recurse=False)}  # fmt: skip
 
 
 def role_hyperparameters(train_cfg) -> dict[str, tuple[float, float]]:
@@ -45,26 +82,37 @@ class Optimizers:
     """
 
     def __init__(self, model: torch.nn.Module, train_cfg):
-        hyper = role_hyperparameters(train_cfg)
         dense: dict[str, list] = {role: [] for role in ROLES}
         sparse: list = []
-        sparse_tables = bool(getattr(model, "cfg", None) and model.cfg.tokmod.sparse_grad)
-        for name, param in model.named_parameters():
-            role = param_role(name, param)
-            (sparse if role == "table" and sparse_tables else dense[role]).append(param)
+        sparse_ids = sparse_table_params(model)
+        self.roles = parameter_roles(model)
+        for _, param, role in self.roles:
+            (sparse if role == "table" and id(param) in sparse_ids else dense[role]).append(param)
         common = dict(betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.adam_eps)
 
         def group(role: str, params: list) -> dict:
-            mult, decay = hyper[role]
-            base = train_cfg.lr * mult
-            return {"params": params, "lr": base, "base_lr": base, "weight_decay": decay,
-                    "role": role}  # fmt: skip
+            return {"params": params, "role": role, **self._group_hyper(role, train_cfg)}
 
         self.optimizers: list[torch.optim.Optimizer] = [
             torch.optim.AdamW([group(r, p) for r, p in dense.items() if p], **common)
         ]
         if sparse:
             self.optimizers.append(RowAdam([group("table", sparse)], **common))
+
+    @staticmethod
+    def _group_hyper(role: str, train_cfg) -> dict:
+        mult, decay = role_hyperparameters(train_cfg)[role]
+        base = train_cfg.lr * mult
+        return {"lr": base, "base_lr": base, "weight_decay": decay}
+
+    def apply_config(self, train_cfg) -> None:
+        """Set every group's hyperparameters from `train_cfg` (after loading a checkpoint,
+        whose saved groups would otherwise win over a change allowed on resume)."""
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group.update(self._group_hyper(group["role"], train_cfg))
+                group["betas"] = (train_cfg.beta1, train_cfg.beta2)
+                group["eps"] = train_cfg.adam_eps
 
     @property
     def param_groups(self) -> list[dict]:
@@ -90,26 +138,3 @@ class Optimizers:
             raise ValueError("optimizer state does not match this model's optimizers")
         for opt, state in zip(self.optimizers, states, strict=True):
             opt.load_state_dict(state)
-
-
-def lr_factor(step: int, train_cfg) -> float:
-    """Multiplier of the base learning rate at optimizer step `step` (0-based).
-
-    Linear warmup over warmup_steps, then "cosine" (to min_lr_ratio at the last step),
-    "wsd" (constant, then a linear decay over the final decay_fraction of the steps) or
-    "constant".
-    """
-    total, warmup, floor = train_cfg.steps, train_cfg.warmup_steps, train_cfg.min_lr_ratio
-    if step < warmup:
-        return (step + 1) / warmup
-    if train_cfg.schedule == "constant":
-        return 1.0
-    if train_cfg.schedule == "cosine":
-        progress = (step - warmup) / max(1, total - 1 - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    decay_start = max(warmup, total - round(train_cfg.decay_fraction * total))
-    if step < decay_start:
-        return 1.0
-    # Every step of the decay phase is below the peak; the last one is at the floor.
-    progress = (step - decay_start + 1) / max(1, total - decay_start)
-    return 1.0 - (1 - floor) * min(1.0, progress)

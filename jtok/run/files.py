@@ -1,0 +1,31 @@
+"""The names of a run directory's files: the one place that spells them.
+
+    RUN/
+      config.json        the resolved RunConfig the run uses (rewritten only after a
+                         validated start or an allowed change on resume)
+      run.json           where the data is (the path given, resolved, its fingerprint),
+                         the changes applied on resume, the jtok version
+      tokenizer.json     a copy of the data's tokenizer (for eval / sample / generate)
+      metrics.jsonl      one line per log / validation record
+      checkpoints/step_XXXXXXXX/   model.safetensors, optimizer.safetensors, state.json
+      .jtok.lock         flock'd by the process that trains the run, for its whole life
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIG_FILE = "config.json"
+RUN_INFO_FILE = "run.json"
+TOKENIZER_FILE = "tokenizer.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = ".jtok.lock"
+TENSORBOARD_DIR = "tensorboard"
+# What `--overwrite` replaces (never the lock file: another process may be waiting on it).
+RUN_OUTPUTS = (CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE, RUN_INFO_FILE, TENSORBOARD_DIR,
+               TOKENIZER_FILE)  # fmt: skip
+
+
+def run_file(run_dir: Path | str, name: str) -> Path:
+    return Path(run_dir) / name

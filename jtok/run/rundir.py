@@ -1,0 +1,329 @@
+"""The one place that knows a run directory: open it to train (new, resume, overwrite),
+load it to evaluate or sample, decide whether a study reuses, resumes or refuses it.
+
+Starting a run is two steps. `plan_start` validates everything and changes nothing: the
+config, the data (manifest, tokenizer hash, ids against the vocabulary), the checkpoint
+to resume from (state fields, tensor names and shapes, optimizer files: read from file
+headers, nothing is loaded), and what a resume may change (jtok.run.resume). Only then
+does `apply_start` touch the directory: `--overwrite` deletes the old outputs, leftover
+temporary checkpoint folders are removed, config.json / run.json / tokenizer.json are
+written and metrics past the checkpoint are dropped. So a failed start or resume leaves
+the directory as it was (but for the lock file). Both run under the run's lock
+(jtok.run.lock), which the trainer holds until the run ends.
+
+run.json records the data as given and as resolved to an absolute path, with a
+fingerprint of its manifest, so `eval` finds the data from any working directory, and a
+moved data directory is recognised as the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jtok import __version__, data
+from jtok.config import ConfigError, RunConfig, config_differences
+from jtok.errors import JTokError
+from jtok.io import read_json, read_jsonl, rewrite_jsonl, write_json_atomic
+from jtok.run import checkpoint as ckpt
+from jtok.run.files import (
+    CONFIG_FILE,
+    LOCK_FILE,
+    METRICS_FILE,
+    RUN_INFO_FILE,
+    RUN_OUTPUTS,
+    TOKENIZER_FILE,
+)
+from jtok.run.resume import Change, classify_changes
+
+
+class RunDirError(JTokError):
+    """A run directory cannot be used as asked; the message says why and what to do."""
+
+
+# ---- data identity -----------------------------------------------------------------------
+
+
+def data_fingerprint(manifest: dict) -> str:
+    """A hash of what makes prepared data the same data: tokenizer, splits and sources'
+    content. Not the paths or the creation time, so a rebuilt or moved copy matches."""
+    sources = sorted(s.get("sha256", "") for s in manifest.get("sources", []))
+    splits = {name: {k: v for k, v in info.items() if k in ("tokens", "bytes", "documents")}
+              for name, info in manifest["splits"].items()}  # fmt: skip
+    identity = {"tokenizer_sha256": manifest["tokenizer_sha256"],
+                "vocab_size": manifest["vocab_size"], "dtype": manifest["dtype"],
+                "splits": splits, "sources": sources}  # fmt: skip
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_INFO_FILE
+    if not path.is_file():
+        return {}
+    info = read_json(path, "run info")
+    if not isinstance(info, dict):
+        raise RunDirError(f"run info {path} is not a JSON object")
+    return info
+
+
+def _data_record(given: str) -> dict[str, Any]:
+    manifest = data.load_manifest(given)
+    return {"given": given, "resolved": str(Path(given).resolve()),
+            "fingerprint": data_fingerprint(manifest),
+            "tokenizer_sha256": manifest["tokenizer_sha256"]}  # fmt: skip
+
+
+def resolve_data_dir(run_dir: Path, run_cfg: RunConfig) -> Path:
+    """The run's data directory: the path as given (relative to the working directory) if
+    it exists, else the absolute path recorded when the run started (another working
+    directory, or a relative path). A path that holds other data than the run recorded
+    is refused, naming what differs."""
+    given = run_cfg.train.data
+    recorded = read_run_info(run_dir).get("data", {})
+    candidates = [p for p in dict.fromkeys((given, recorded.get("resolved"))) if p]
+    for candidate in candidates:
+        if not (Path(candidate) / data.MANIFEST_FILE).is_file():
+            continue
+        manifest = data.load_manifest(candidate)
+        fingerprint = recorded.get("fingerprint")
+        if fingerprint is not None and data_fingerprint(manifest) != fingerprint:
+            what = ("was tokenized with another tokenizer (sha256 "
+                    f"{manifest['tokenizer_sha256'][:12]}...)"
+                    if manifest["tokenizer_sha256"] != recorded.get("tokenizer_sha256")
+                    else "holds other data (its fingerprint differs)")  # fmt: skip
+            raise RunDirError(f"the data at {candidate} {what} than run {run_dir} trained on")
+        return Path(candidate)
+    where = " or ".join(repr(p) for p in candidates)
+    raise RunDirError(f"the data of run {run_dir} is not at {where or '(no path)'}: it was "
+                      "moved or deleted; pass --data DIR to point at it")  # fmt: skip
+
+
+# ---- starting a training run ---------------------------------------------------------------
+
+
+@dataclass
+class StartPlan:
+    """What `apply_start` will do; built by `plan_start` without changing anything."""
+
+    run_dir: Path
+    config: RunConfig  # what the run will use (saved config plus the changes applied)
+    data_dir: Path
+    manifest: dict
+    resume: bool
+    checkpoint: Path | None = None
+    start_step: int = 0
+    changes: list[Change] = field(default_factory=list)
+    overwrite: bool = False
+
+
+def _outputs_present(run_dir: Path) -> list[str]:
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+
+
+def check_out_dir(run_dir: Path) -> None:
+    """Refuse an output path that is a file, or whose nearest existing parent is not a
+    writable directory, before anything is created."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--out {run_dir} exists and is not a directory")
+    parent = run_dir if run_dir.exists() else next(p for p in run_dir.parents if p.exists())
+    if not parent.is_dir():
+        raise RunDirError(f"--out {run_dir}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"--out {run_dir}: {parent} is not writable")
+
+
+def saved_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} holds no run (no {CONFIG_FILE})")
+    try:
+        return RunConfig.from_dict(read_json(path, "run config"))
+    except ConfigError as err:
+        raise RunDirError(f"{path}: {err}") from None
+
+
+def _check_data(train_data: str, vocab_size: int) -> dict:
+    if not train_data:
+        raise RunDirError("train.data is empty: point it at a `jtok data prepare` directory")
+    manifest = data.load_manifest(train_data)
+    data.check_vocab(train_data, vocab_size)
+    tokenizer = Path(train_data) / manifest["tokenizer"]
+    if not tokenizer.is_file():
+        raise RunDirError(f"the data's tokenizer {tokenizer} is missing")
+    return manifest
+
+
+def plan_start(run_dir: Path | str, run_cfg: RunConfig, *, resume: bool = False,
+               overwrite: bool = False, allow_changes: set[str] | frozenset = frozenset(),
+               ) -> StartPlan:  # fmt: skip
+    """Validate a start or resume of `run_dir` with `run_cfg`; change nothing."""
+    from jtok.nn.model import build_model
+
+    run_dir = Path(run_dir)
+    check_out_dir(run_dir)
+    if not resume:
+        present = _outputs_present(run_dir)
+        if present and not overwrite:
+            raise RunDirError(f"run directory {run_dir} is not empty; use --resume to continue "
+                              "it or --overwrite to start over (its checkpoints and metrics "
+                              "will be deleted)")  # fmt: skip
+        manifest = _check_data(run_cfg.train.data, run_cfg.model.vocab_size)
+        return StartPlan(run_dir, run_cfg, Path(run_cfg.train.data), manifest, resume=False,
+                         overwrite=bool(present))  # fmt: skip
+
+    saved = saved_run_config(run_dir)
+    info = read_run_info(run_dir)
+    latest = ckpt.latest_checkpoint(run_dir)
+    step = 0
+    if latest is not None:
+        meta_model = build_model(saved.model, device="meta")
+        # The checkpoint must fit the saved model; a model change is refused below anyway.
+        step = ckpt.validate_checkpoint(latest, meta_model, with_optimizer=True)["step"]
+    recorded_fp = info.get("data", {}).get("fingerprint")
+    wanted_data = run_cfg.train.data
+    same_data = False
+    if wanted_data != saved.train.data and (Path(wanted_data) / data.MANIFEST_FILE).is_file():
+        same_data = recorded_fp is not None and data_fingerprint(
+            data.load_manifest(wanted_data)) == recorded_fp  # fmt: skip
+    changes = classify_changes(saved, run_cfg, step, set(allow_changes), same_data)
+    if any(c.key.startswith("model.") for c in changes) and latest is not None:
+        ckpt.validate_checkpoint(latest, build_model(run_cfg.model, device="meta"),
+                                 with_optimizer=True)  # fmt: skip
+    if latest is not None and run_cfg.train.steps < step:
+        raise RunDirError(f"train.steps={run_cfg.train.steps} is before checkpoint step {step}")
+    data_dir = (Path(wanted_data) if wanted_data != saved.train.data
+                else resolve_data_dir(run_dir, saved))  # fmt: skip
+    manifest = _check_data(str(data_dir), run_cfg.model.vocab_size)
+    if latest is not None:
+        saved_tok = ckpt.read_state(latest).get("tokenizer_sha256")
+        if saved_tok:
+            data.check_tokenizer(manifest, saved_tok)
+    return StartPlan(run_dir, run_cfg, data_dir, manifest, resume=True, checkpoint=latest,
+                     start_step=step, changes=changes)  # fmt: skip
+
+
+def apply_start(plan: StartPlan, log=None) -> None:
+    """Make the directory what `plan` says (call on one process, under the run's lock)."""
+    run_dir = plan.run_dir
+    if plan.overwrite:
+        for name in RUN_OUTPUTS:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    removed = ckpt.clean_temporary(run_dir)
+    if removed and log:
+        log(f"removed {len(removed)} temporary checkpoint folder(s) left by an earlier crash")
+    info = read_run_info(run_dir) if plan.resume else {}
+    history = list(info.get("changes", []))
+    history += [c.record(plan.start_step) for c in plan.changes]
+    info = {"jtok_version": __version__, **info, "data": _data_record(str(plan.data_dir)),
+            "changes": history}  # fmt: skip
+    info["data"]["given"] = plan.config.train.data
+    write_json_atomic(run_dir / RUN_INFO_FILE, info)
+    write_json_atomic(run_dir / CONFIG_FILE, plan.config.to_dict())
+    source = plan.data_dir / plan.manifest["tokenizer"]
+    if not (run_dir / TOKENIZER_FILE).is_file() or not plan.resume:
+        shutil.copyfile(source, run_dir / TOKENIZER_FILE)
+    if plan.resume:
+        truncate_metrics(run_dir, plan.start_step)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics past `step` (written by a run that died after its last checkpoint)."""
+    path = Path(run_dir) / METRICS_FILE
+    records = read_jsonl(path, "metrics")
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if path.is_file() and (len(kept) != len(records) or not path.read_bytes().endswith(b"\n")
+                           or records == []):  # fmt: skip
+        rewrite_jsonl(path, kept)
+
+
+def read_metrics(run_dir: Path | str) -> list[dict]:
+    return read_jsonl(Path(run_dir) / METRICS_FILE, "metrics")
+
+
+def saved_config(run_dir: Path | str) -> dict | None:
+    """The config.json a run directory was trained with, or None if it has none readable."""
+    try:
+        return read_json(Path(run_dir) / CONFIG_FILE, "run config")
+    except JTokError:
+        return None
+
+
+# ---- reuse, resume or refuse (studies) -------------------------------------------------------
+
+
+def prior_run(run_dir: Path | str, planned: RunConfig, what: str = "run") -> str:
+    """What a study should do with `run_dir` for `planned`: "new", "resume" or "finished".
+
+    A directory that holds a checkpoint or metrics made under another configuration is
+    refused (neither reused nor trained over), naming the first field that differs. The
+    data is compared by fingerprint where the run recorded one, not by path."""
+    run_dir = Path(run_dir)
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None and not read_metrics(run_dir):
+        return "new"
+    changed = run_differences(run_dir, planned)
+    if changed:
+        raise RunDirError(f"{what} {run_dir} was trained with another configuration "
+                          f"({changed[0]}); restore it, or move that folder away to "
+                          "retrain")  # fmt: skip
+    if latest is None:
+        return "new"
+    if ckpt.read_state(latest)["step"] >= planned.train.steps:
+        return "finished"
+    return "resume"
+
+
+def run_differences(run_dir: Path, planned: RunConfig) -> list[str]:
+    recorded = saved_config(run_dir)
+    fingerprint = read_run_info(run_dir).get("data", {}).get("fingerprint") if (
+        Path(run_dir) / RUN_INFO_FILE).is_file() else None  # fmt: skip
+    return differences_ignoring_data_path(recorded, planned, fingerprint)
+
+
+def differences_ignoring_data_path(recorded: dict | None, planned: RunConfig,
+                                   fingerprint: str | None) -> list[str]:  # fmt: skip
+    """config_differences, where train.data counts only if the data itself differs."""
+    changed = config_differences(recorded, planned)
+    if fingerprint is None:
+        return changed
+    data_changed = [c for c in changed if c.startswith("train.data:")]
+    if data_changed and (Path(planned.train.data) / data.MANIFEST_FILE).is_file():
+        if data_fingerprint(data.load_manifest(planned.train.data)) == fingerprint:
+            changed = [c for c in changed if not c.startswith("train.data:")]
+    return changed
+
+
+# ---- loading a run for eval, sample, generate ------------------------------------------------
+
+
+def load_run(run_dir: Path | str, checkpoint: Path | str | None = None,
+             device: Any = "cpu"):  # fmt: skip
+    """(RunConfig, model with trained weights, checkpoint state) of a training run."""
+    from jtok.nn.model import build_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} does not exist")
+    run_cfg = saved_run_config(run_dir)
+    ckpt_dir = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(run_dir)
+    if ckpt_dir is None:
+        raise RunDirError(f"{run_dir} has no checkpoint yet")
+    if not ckpt_dir.is_dir():
+        raise RunDirError(f"checkpoint {ckpt_dir} does not exist")
+    state = ckpt.validate_checkpoint(ckpt_dir, build_model(run_cfg.model, device="meta"),
+                                     with_optimizer=False)  # fmt: skip
+    model = build_model(run_cfg.model, device=device)
+    ckpt.load_model_weights(ckpt_dir, model)
+    return run_cfg, model.eval(), state

@@ -1,0 +1,78 @@
+"""`jtok fit`: scaling-law analysis of a sweep directory (METHOD.md, "Scaling law").
+
+Reads DIR/results.jsonl (one finished run per line, written by `jtok sweep`) and fits what
+the runs support:
+
+1. eta law: loss = a + b log2(eta) for one variant at one backbone and training amount;
+   b is the loss change per doubling of token parameters.
+2. isoFLOPs: per (profile, budget) a quadratic in log10 N_c gives the compute-optimal
+   (N_opt, L_opt); per profile the frontier log2 L_opt = m log10 C + k (the paper's axes);
+   between baseline and each other profile the compute saving at equal loss and the loss gap
+   at equal compute, with parametric-bootstrap intervals. A profile is a variant, split by
+   any other sweep axis its runs differ on (never pooled across, say, table sizes).
+3. parametric: L(N, D) = E + A / N^alpha + B / D^beta by a Huber loss on log residuals, and
+   with N_eff = N_c (1 + eta gamma).
+
+Writes DIR/fit.json, DIR/REPORT_fit.md and figures. Each fit is also a plain function of
+arrays, usable without a sweep.
+
+One module per concern, imported one way (each only from those above it): `results`
+(loading and validating results.jsonl), `stats` (lines, the eta law, paired gains),
+`isoflops`, `parametric`, `report` (markdown and summary text), `plots` (PNG figures),
+`analysis` (`run_fit`: the whole analysis and its files). The command line lives in
+`jtok.cli.studies`. Every public name is re-exported here.
+"""
+
+from jtok.studies.fit.analysis import FIT_JSON, REPORT_FILE, run_fit
+from jtok.studies.fit.isoflops import (
+    PAPER_BUDGETS,
+    PAPER_FRONTIERS,
+    IsoMinimum,
+    compare_frontiers,
+    comparison_points,
+    compute_saving,
+    fit_frontier,
+    fit_window,
+    isoflop_analysis,
+    isoflop_minimum,
+    loss_gap,
+    paper_frontier_check,
+    profile_names,
+)
+from jtok.studies.fit.parametric import (
+    HUBER_DELTA,
+    ParametricFit,
+    fit_parametric,
+    parametric_analysis,
+)
+from jtok.studies.fit.plots import write_plots
+from jtok.studies.fit.report import PAPER_CLAIMS, format_report, format_summary, paper_claims
+from jtok.studies.fit.results import (
+    LOSS_FIELDS,
+    RESULT_FIELDS,
+    RESULTS_FILE,
+    FitError,
+    load_results,
+)
+from jtok.studies.fit.stats import (
+    EtaLawFit,
+    LineFit,
+    amount_label,
+    eta_laws,
+    fit_eta_law,
+    fit_line,
+    paired_gains,
+    paired_summary,
+    t_interval,
+)
+
+__all__ = [
+    "FIT_JSON", "HUBER_DELTA", "LOSS_FIELDS", "PAPER_BUDGETS", "PAPER_CLAIMS",
+    "PAPER_FRONTIERS", "REPORT_FILE", "RESULTS_FILE", "RESULT_FIELDS", "EtaLawFit",
+    "FitError", "IsoMinimum", "LineFit", "ParametricFit", "amount_label", "compare_frontiers",
+    "comparison_points", "compute_saving", "eta_laws", "fit_eta_law", "fit_frontier",
+    "fit_line", "fit_parametric", "fit_window", "format_report", "format_summary",
+    "isoflop_analysis", "isoflop_minimum", "load_results", "loss_gap", "paired_gains",
+    "paired_summary", "paper_claims", "paper_frontier_check", "parametric_analysis",
+    "profile_names", "run_fit", "t_interval", "write_plots",
+]  # fmt: skip

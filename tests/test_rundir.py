@@ -1,0 +1,241 @@
+"""The run-directory layer: validate before changing, resume rules, the lock, divergence,
+leftovers of a killed save, torn metrics. Each bad input must give one line, exit 2, and
+leave the protected files byte-identical."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_run_config
+
+from jtok.cli import main
+from jtok.io import read_jsonl
+from jtok.run import checkpoint as ckpt
+from jtok.run.rundir import load_run
+from jtok.training.loop import TrainingError, train
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under root except the lock file (a start may add it)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".jtok.lock"}
+
+
+def one_line_error(capsys, code, *needles):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.fixture
+def trained_run(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_run_config(tiny_data, steps=8, save_every=4, schedule="wsd",
+                          decay_fraction=0.25), run, progress=False, log=lambda m: None)
+    return run
+
+
+def resume(run, *extra):
+    return main(["train", "--out", str(run), "--resume", "--no-progress", *extra])
+
+
+def test_refused_resume_changes_nothing_and_names_the_field(trained_run, capsys):
+    before = tree_hashes(trained_run)
+    capsys.readouterr()
+    one_line_error(capsys, resume(trained_run, "--set", "d_model=128"), "model.d_model")
+    one_line_error(capsys, resume(trained_run, "--set", "lr=0.3"), "train.lr", "--allow-change")
+    one_line_error(capsys, resume(trained_run, "--set", "seed=3"), "train.seed")
+    one_line_error(capsys, resume(trained_run, "--allow-change", "train.seed"),
+                   "not being changed")
+    assert tree_hashes(trained_run) == before
+    assert resume(trained_run) == 0  # and a plain resume still works afterwards
+
+
+def test_allowed_change_is_applied_for_real_and_recorded(trained_run, capsys):
+    # The WSD run had decayed: a longer run would jump the LR, so that is refused too.
+    one_line_error(capsys, resume(trained_run, "--set", "lr=1e-2", "--set", "steps=10",
+                                  "--allow-change", "lr"), "train.steps", "decay had begun")
+    assert resume(trained_run, "--set", "lr=1e-2", "--set", "steps=10",
+                  "--allow-change", "lr", "--allow-change", "steps") == 0
+    capsys.readouterr()
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["train"]["lr"] == 1e-2 and config["train"]["steps"] == 10
+    changes = json.loads((trained_run / "run.json").read_text())["changes"]
+    assert {(c["key"], c["kind"], c["step"]) for c in changes} == {
+        ("train.lr", "allowed", 8), ("train.steps", "allowed", 8)}
+    state = ckpt.read_state(ckpt.latest_checkpoint(trained_run))
+    groups = [g for part in state["optimizer"] for g in part["param_groups"]]
+    matrix = next(g for g in groups if g["role"] == "matrix")
+    assert matrix["base_lr"] == pytest.approx(1e-2)  # the optimizer used the new lr
+
+
+def test_extending_steps_follows_the_schedule(tiny_data, tmp_path, capsys):
+    # WSD in its stable phase: the stable phase extends, the LR does not move.
+    wsd = tmp_path / "wsd"
+    train(tiny_run_config(tiny_data, steps=12, save_every=4, schedule="wsd",
+                          decay_fraction=0.25), wsd, progress=False, log=lambda m: None)
+    for path in ckpt.list_checkpoints(wsd)[1:]:  # back to step 4, inside the stable phase
+        import shutil
+
+        shutil.rmtree(path)
+    assert resume(wsd, "--set", "steps=40") == 0
+    lrs = {r["step"]: r["lr"] for r in read_jsonl(wsd / "metrics.jsonl") if "lr" in r}
+    assert lrs[5] == lrs[20] == pytest.approx(3e-3)  # flat until the new decay
+    # Cosine: extending would raise the LR at once, so it is refused, naming the jump.
+    cos = tmp_path / "cos"
+    train(tiny_run_config(tiny_data, steps=8, save_every=4), cos, progress=False,
+          log=lambda m: None)  # fmt: skip
+    before = tree_hashes(cos)
+    capsys.readouterr()
+    one_line_error(capsys, resume(cos, "--set", "steps=16"), "train.steps", "cosine")
+    assert tree_hashes(cos) == before
+    # Run-time settings just apply.
+    assert resume(cos, "--set", "eval_every=3", "--set", "log_every=2") == 0
+    assert json.loads((cos / "config.json").read_text())["train"]["eval_every"] == 3
+
+
+def test_damaged_checkpoints_and_metrics(trained_run, capsys):
+    latest = ckpt.latest_checkpoint(trained_run)
+    optimizer = latest / "optimizer.safetensors"
+    original = optimizer.read_bytes()
+    optimizer.write_bytes(original[: len(original) // 2])  # truncated
+    before = tree_hashes(trained_run)
+    capsys.readouterr()
+    one_line_error(capsys, resume(trained_run, "--set", "steps=8"), "optimizer")
+    assert tree_hashes(trained_run) == before
+    optimizer.write_bytes(original)
+    state_path = latest / "state.json"
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({k: v for k, v in state.items() if k != "rng"}))
+    one_line_error(capsys, resume(trained_run), "missing rng")
+    state_path.write_text(json.dumps(state))
+    # A half-written last metrics line (a kill mid-write) does not break a resume.
+    metrics = trained_run / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes() + b'{"step": 9, "lo')
+    assert resume(trained_run) == 0
+    assert metrics.read_bytes().endswith(b"\n")
+    assert all(r["step"] <= 8 for r in read_jsonl(metrics))
+
+
+def test_leftovers_of_a_killed_save_are_cleaned_and_the_latest_complete_loads(trained_run):
+    root = trained_run / "checkpoints"
+    # What SIGKILL during a save leaves: a hidden temporary folder with partial files.
+    partial = root / f".tmp-step_00000012-{os.getpid() + 1}"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\x00" * 10)
+    _, _, state = load_run(trained_run)
+    assert state["step"] == 8  # readers never see the partial folder
+    assert resume(trained_run, "--set", "steps=8") == 0
+    assert not partial.exists()
+
+
+def test_divergence_stops_before_a_bad_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import jtok.training.loop as train_module
+
+    real_loss, calls = train_module.lm_loss, {"n": 0}
+
+    def exploding(model, x, y):  # huge but finite from the 26th step on
+        calls["n"] += 1
+        loss, out = real_loss(model, x, y)
+        return (loss * 1e6 if calls["n"] > 25 else loss), out
+
+    monkeypatch.setattr(train_module, "lm_loss", exploding)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"exploded.*at step 25.*step_00000024"):
+        train(tiny_run_config(tiny_data, steps=40, save_every=4, keep_checkpoints=1), run,
+              progress=False, log=lambda m: None)  # fmt: skip
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000024"]
+    _, model, _ = load_run(run)
+    assert max(float(p.abs().max()) for p in model.parameters()) < 100
+
+
+def test_rotation_keeps_the_newest_healthy_checkpoint(tmp_path):
+    from conftest import tiny_model
+
+    model = tiny_model()
+    ckpt.save_checkpoint(tmp_path, 1, model, meta={"healthy": True}, keep=1)
+    ckpt.save_checkpoint(tmp_path, 2, model, meta={"healthy": False}, keep=1)
+    ckpt.save_checkpoint(tmp_path, 3, model, meta={"healthy": False}, keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001",
+                                                                  "step_00000003"]
+    assert ckpt.last_healthy_checkpoint(tmp_path).name == "step_00000001"
+
+
+def test_eval_reports_a_nan_loss_as_an_error(trained_run, capsys):
+    from safetensors.torch import load_file, save_file
+
+    path = ckpt.latest_checkpoint(trained_run) / "model.safetensors"
+    tensors = load_file(path)
+    tensors["head.weight"] = torch.full_like(tensors["head.weight"], float("nan"))
+    save_file(tensors, path)
+    one_line_error(capsys, main(["eval", "--run", str(trained_run)]), "nan")
+
+
+def test_bad_output_paths_give_one_line(tiny_data, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    base = ["train", "--preset", "tiny", "--data", str(tiny_data), "--set", "seq_len=32",
+            "--set", "steps=1", "--no-progress"]  # fmt: skip
+    one_line_error(capsys, main([*base, "--out", str(afile)]), "not a directory")
+    one_line_error(capsys, main([*base, "--out", str(afile / "sub")]), "not a directory")
+    assert afile.read_text() == "keep me"
+    spaced = tmp_path / "a dir with spaces ünï"
+    assert main([*base, "--out", str(spaced)]) == 0
+    assert (spaced / "config.json").is_file()
+
+
+def test_eval_works_from_another_working_directory(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tiny_data.parent)
+    run = tmp_path / "run"
+    cfg = tiny_run_config(Path("prepared"), steps=2, save_every=2)  # a relative data path
+    train(cfg, run, progress=False, log=lambda m: None)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] > 0
+
+
+def _spawn_training(tiny_data, run, steps):
+    cfg = tiny_run_config(tiny_data, steps=steps, save_every=steps, eval_every=0)
+    script = ("import sys, json; from jtok.config import RunConfig; from jtok.training.loop "
+              "import train; train(RunConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2], "
+              "progress=False, log=lambda m: print(m, flush=True))")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg.to_dict()), str(run)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_second_process_cannot_take_a_run_in_use(tiny_data, trained_run, tmp_path, capsys):
+    run = tmp_path / "busy"
+    proc = _spawn_training(tiny_data, run, steps=400)
+    try:
+        deadline = time.time() + 60
+        while not (run / "metrics.jsonl").is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        before = tree_hashes(run)
+        args = ["train", "--preset", "tiny", "--data", str(tiny_data), "--set", "seq_len=32",
+                "--out", str(run), "--no-progress"]  # fmt: skip
+        one_line_error(capsys, main([*args, "--overwrite"]), "in use")
+        one_line_error(capsys, main(["train", "--out", str(run), "--resume", "--no-progress"]),
+                       "in use")  # fmt: skip
+        assert (run / "config.json").read_text() == json.dumps(
+            json.loads((run / "config.json").read_text()), indent=2) + "\n"
+        after = tree_hashes(run)
+        assert after["config.json"] == before["config.json"]
+        assert main(["eval", "--run", str(trained_run)]) == 0  # readers need no lock
+    finally:
+        proc.kill()
+        proc.wait()
+    # The holder died: its lock is free again at once.
+    assert resume(run, "--set", "steps=1") in (0, 2)
+    assert "in use" not in capsys.readouterr().err
