@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ConfigError": "jtok.config", "ModelConfig": "jtok.config", "MoEConfig": "jtok.config",
     "RunConfig": "jtok.config", "TokModConfig": "jtok.config", "TrainConfig": "jtok.config",
-    "preset": "jtok.config", "count_flops": "jtok.flops", "count_params": "jtok.flops",
+    "preset": "jtok.presets", "count_flops": "jtok.flops", "count_params": "jtok.flops",
     "summarize": "jtok.flops", "JTokModel": "jtok.nn.model", "KVCache": "jtok.nn.model",
     "ModelOutput": "jtok.nn.model", "build_model": "jtok.nn.model",
     "train": "jtok.training.loop", "Optimizers": "jtok.training.optim",

@@ -15,7 +15,6 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from jtok.errors import JTokError
@@ -389,50 +388,6 @@ def config_differences(recorded: dict[str, Any] | None, planned: RunConfig) -> l
     return walk(old, effective_dict(planned), "")
 
 
-def load_mapping(path, what: str = "config") -> dict[str, Any]:
-    """A YAML or JSON file (YAML reads both) that must hold a mapping.
-
-    Every failure is a one-line ConfigError naming the file: missing, a folder, binary or
-    not UTF-8, empty, a syntax error (``config my.yaml:3:7: mapping values are not
-    allowed here``) or content that is not a mapping."""
-    import yaml
-
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as err:
-        raise ConfigError(f"cannot read {what} {path}: {err.strerror}") from None
-    if b"\0" in raw:
-        raise ConfigError(f"{what} {path} is a binary file, not YAML/JSON text")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        byte = raw[err.start]
-        raise ConfigError(f"{what} {path}: byte offset {err.start} (0x{byte:02x}) is not "
-                          "valid UTF-8") from None  # fmt: skip
-    try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = " ".join(str(err.problem or err.context).split())
-        context = f" ({' '.join(err.context.split())})" if err.problem and err.context else ""
-        raise ConfigError(f"{what} {path}{where}: {problem}{context}") from None
-    except yaml.reader.ReaderError as err:
-        line = text.count("\n", 0, err.position) + 1
-        column = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
-        raise ConfigError(f"{what} {path}:{line}:{column}: unacceptable character "
-                          f"#x{err.character:04x} ({err.reason})") from None  # fmt: skip
-    except (yaml.YAMLError, RecursionError) as err:
-        message = " ".join(str(err).split()) or "nested too deeply"
-        raise ConfigError(f"{what} {path} is not valid YAML/JSON: {message}") from None
-    if data is None:
-        raise ConfigError(f"{what} {path} is empty")
-    if not isinstance(data, dict):
-        kind = {list: "a list", str: "a string", bool: "true/false"}.get(type(data), "a number")
-        raise ConfigError(f"{what} {path} must hold a mapping (key: value), not {kind}")
-    return data
-
-
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -572,66 +527,3 @@ def _coerce(text: str, hint: Any, path: str) -> Any:
     if allows_list and isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     return _check_type(value, hint, path)
-
-
-# ---- presets ---------------------------------------------------------------------------
-
-
-def _tiny() -> ModelConfig:
-    return ModelConfig(
-        vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-        ffn_hidden=192, max_seq_len=128,
-    )  # fmt: skip
-
-
-def _tiny_moe() -> ModelConfig:
-    moe = MoEConfig(num_experts=4, num_shared_experts=1, top_k=2, expert_hidden=64)
-    return dataclasses.replace(_tiny(), moe=moe)
-
-
-def _small() -> ModelConfig:
-    # The benchmark shape of the core issue: d=256, L=6.
-    return ModelConfig(
-        vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4,
-        ffn_hidden=768, max_seq_len=512,
-    )  # fmt: skip
-
-
-def _dense_190m() -> ModelConfig:
-    # The paper's small dense model: L=12, d=768, V=50304; SwiGLU width 4d and an untied
-    # head give 190M backbone parameters. JTok on every layer adds L*V*d = 464M.
-    return ModelConfig(
-        vocab_size=50304, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
-        ffn_hidden=3072, max_seq_len=2048,
-    )  # fmt: skip
-
-
-def _moe_17b_a2b() -> ModelConfig:
-    # The paper's largest run: 28 layers, d=2048, V=152064, 64 routed + 1 shared expert,
-    # top-6, JTok-M with n_e=5, K=2 (28*5*152064*2048 = 43.6B token-indexed parameters).
-    # Expert width 1408 (DeepSeekMoE-16B's) gives about 17B backbone parameters.
-    return ModelConfig(
-        vocab_size=152064, d_model=2048, n_layers=28, n_heads=16, n_kv_heads=16,
-        ffn_hidden=10944, rope_base=1e6, max_seq_len=4096,
-        moe=MoEConfig(
-            num_experts=64, num_shared_experts=1, top_k=6, expert_hidden=1408,
-            score_func="sigmoid", balance="aux_free",
-        ),
-        tokmod=TokModConfig(kind="jtokm", n_e=5, top_k=2),
-    )  # fmt: skip
-
-
-PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
-    "tiny": _tiny,
-    "tiny-moe": _tiny_moe,
-    "small": _small,
-    "dense-190m": _dense_190m,
-    "moe-17b-a2b": _moe_17b_a2b,
-}
-
-
-def preset(name: str) -> ModelConfig:
-    """A fresh copy of the named preset."""
-    if name not in PRESETS:
-        raise ConfigError(f"preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
-    return PRESETS[name]()

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from jtok.config import preset
 from jtok.nn.model import build_model
+from jtok.presets import preset
 
 
 @pytest.fixture(autouse=True)

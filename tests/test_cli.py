@@ -33,7 +33,7 @@ def test_info_table_is_readable(capsys):
 
 
 def test_info_reads_a_config_file(tmp_path, capsys):
-    from jtok.config import preset
+    from jtok.presets import preset
 
     path = tmp_path / "model.yaml"
     path.write_text("model:\n  d_model: 128\n  n_heads: 4\n  tokmod: {kind: jtok}\n")

@@ -3,9 +3,10 @@ import json
 
 import pytest
 
-from jtok.config import PRESETS, ConfigError, ModelConfig, MoEConfig, TokModConfig, preset
+from jtok.config import ConfigError, ModelConfig, MoEConfig, TokModConfig
 from jtok.flops import count_params
 from jtok.nn.model import build_model
+from jtok.presets import PRESETS, preset
 
 
 def test_json_round_trip_preserves_every_field():
@@ -121,7 +122,7 @@ def test_every_float_field_refuses_nan_and_inf_naming_it():
 
 
 def test_yaml_errors_are_one_line_with_file_line_and_column(tmp_path):
-    from jtok.config import load_mapping
+    from jtok.config_file import load_mapping
 
     path = tmp_path / "my.yaml"
     path.write_text("model:\n  d_model: 64\n  tokmod: kind: jtok\n")

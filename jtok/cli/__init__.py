@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from jtok import __version__
 from jtok.cli import bench, data, model, run, studies
@@ -58,12 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, --version: printed, nothing to run
         return done.code if isinstance(done.code, int) else 0
     args.preset_given = getattr(args, "preset", None) is not None
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        # A warning (a dropped half-written metrics line, ...) is one line like an error,
+        # not Python's two (message and source line).
+        print(f"jtok {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        code = args.handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            code = args.handler(args)
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
         return code
     except JTokError as err:
-        print(f"jtok {args.command}: error: {err}", file=sys.stderr)
+        message = str(err).replace("\r", " ").replace("\n", " ")  # one line, whatever it holds
+        print(f"jtok {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"jtok {args.command}: interrupted", file=sys.stderr)

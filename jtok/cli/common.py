@@ -7,8 +7,10 @@ import argparse
 import math
 from pathlib import Path
 
-from jtok.config import PRESETS, ModelConfig, load_mapping, preset
+from jtok.config import ModelConfig
+from jtok.config_file import load_mapping
 from jtok.errors import JTokError
+from jtok.presets import PRESETS, preset
 
 
 class UsageError(JTokError):

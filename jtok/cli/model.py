@@ -68,7 +68,9 @@ def resolve_config(args: argparse.Namespace):
     """The run config `jtok train` would start from with these --preset/--config/--set
     (without --data): a preset's or a model config file's model with the trainer's
     defaults (seq_len capped by the model's max_seq_len), or a run config file."""
-    from jtok.config import ModelConfig, RunConfig, TrainConfig, load_mapping, preset
+    from jtok.config import ModelConfig, RunConfig, TrainConfig
+    from jtok.config_file import load_mapping
+    from jtok.presets import preset
 
     overrides = {run_override_key(k): v for k, v in parse_overrides(args.overrides).items()}
     if args.config is not None:

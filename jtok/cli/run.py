@@ -8,7 +8,9 @@ import math
 from pathlib import Path
 
 from jtok.cli.common import UsageError, add_model_arguments, parse_overrides, run_override_key
-from jtok.config import ModelConfig, load_mapping, preset
+from jtok.config import ModelConfig
+from jtok.config_file import load_mapping
+from jtok.presets import preset
 
 
 def resolve_run_config(args: argparse.Namespace):
@@ -93,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data_dir = None
     if args.text is None:
         data_dir = args.data if args.data is not None else resolve_data_dir(args.run, saved)
-        manifest = data.load_manifest(data_dir)
+        manifest = data.verify_data_dir(data_dir)
         if args.split not in manifest["splits"]:
             raise UsageError(f"--split {args.split!r}: the data has {list(manifest['splits'])}")
     device = resolve_device(saved.train.device)

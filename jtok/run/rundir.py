@@ -30,6 +30,7 @@ from jtok import __version__, data
 from jtok.config import ConfigError, RunConfig, config_differences
 from jtok.errors import JTokError
 from jtok.io import read_json, read_jsonl, rewrite_jsonl, write_json_atomic
+from jtok.parallel.resources import check_memory
 from jtok.run import checkpoint as ckpt
 from jtok.run.files import (
     CONFIG_FILE,
@@ -152,11 +153,10 @@ def saved_run_config(run_dir: Path) -> RunConfig:
 def _check_data(train_data: str, vocab_size: int) -> dict:
     if not train_data:
         raise RunDirError("train.data is empty: point it at a `jtok data prepare` directory")
-    manifest = data.load_manifest(train_data)
-    data.check_vocab(train_data, vocab_size)
-    tokenizer = Path(train_data) / manifest["tokenizer"]
-    if not tokenizer.is_file():
-        raise RunDirError(f"the data's tokenizer {tokenizer} is missing")
+    # Paths inside the directory, the tokenizer's hash, split sizes and fingerprints, and
+    # the recorded largest ids against the model's vocabulary.
+    manifest = data.verify_data_dir(train_data)
+    data.check_vocab(manifest, vocab_size)
     return manifest
 
 
@@ -324,6 +324,7 @@ def load_run(run_dir: Path | str, checkpoint: Path | str | None = None,
         raise RunDirError(f"checkpoint {ckpt_dir} does not exist")
     state = ckpt.validate_checkpoint(ckpt_dir, build_model(run_cfg.model, device="meta"),
                                      with_optimizer=False)  # fmt: skip
+    check_memory(run_cfg.model, device, training=False, what=f"loading run {run_dir}")
     model = build_model(run_cfg.model, device=device)
     ckpt.load_model_weights(ckpt_dir, model)
     return run_cfg, model.eval(), state

@@ -118,7 +118,7 @@ def variant_summary(model_cfg: ModelConfig, train_cfg: TrainConfig, metrics: lis
 
 def bench_command() -> str:
     """The `jtok bench` line that times the demo's backbone and batch, interleaved."""
-    from jtok.config import preset
+    from jtok.presets import preset
 
     small, demo = preset("small").to_dict(), demo_backbone(DATA_VOCAB).to_dict()
     sets = "".join(f" --set {k}={v}" for k, v in demo.items() if small[k] != v)

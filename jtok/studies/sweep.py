@@ -53,12 +53,12 @@ from jtok.config import (
     RunConfig,
     TrainConfig,
     effective_dict,
-    load_mapping,
-    preset,
 )
+from jtok.config_file import load_mapping
 from jtok.errors import JTokError
 from jtok.flops import count_flops, summarize
 from jtok.io import append_jsonl, read_jsonl, write_json_atomic
+from jtok.presets import preset
 from jtok.run.checkpoint import latest_checkpoint
 from jtok.run.lock import try_lock, unlock
 from jtok.run.rundir import (

@@ -33,6 +33,7 @@ from jtok.parallel.distributed import (
     init_distributed,
 )
 from jtok.parallel.distributed import shutdown as shutdown_distributed
+from jtok.parallel.resources import check_memory
 from jtok.run import checkpoint as ckpt
 from jtok.run.files import CONFIG_FILE, LOCK_FILE, METRICS_FILE, TOKENIZER_FILE  # noqa: F401
 from jtok.run.lock import RunBusyError, try_lock, unlock
@@ -129,6 +130,8 @@ def train(run_cfg: RunConfig, run_dir: Path | str, *, resume: bool = False,
         with _run_directory_lock(run_dir, env):
             try:
                 micro_rows = _micro_rows(run_cfg, env)
+                check_memory(run_cfg.model, env.device, training=True, what="jtok train",
+                             batch=micro_rows, seq_len=run_cfg.train.seq_len)  # fmt: skip
                 plan = plan_start(run_dir, run_cfg, resume=resume, overwrite=overwrite,
                                   allow_changes=allow_changes)  # fmt: skip
             except BaseException:
