@@ -208,6 +208,15 @@ def test_roles_survive_wrappers_and_an_undeclared_parameter_fails():
         ddp = DistributedDataParallel(model)  # module.*
         assert {n for n, _, _ in parameter_roles(ddp)} >= {"module.token_tables.weight"}
         assert roles_of(ddp) == expected
+        # FSDP2 swaps every parameter for a DTensor and every module class for a subclass.
+        from torch.distributed.fsdp import fully_shard
+
+        sharded = tiny_model("tiny-moe", tokmod__kind="jtokm")
+        by_name = {n: r for n, _, r in parameter_roles(sharded)}
+        for block in sharded.blocks:
+            fully_shard(block)
+        fully_shard(sharded)
+        assert {n: r for n, _, r in parameter_roles(sharded)} == by_name
     finally:
         dist.destroy_process_group()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from jtok.cli.common import UsageError
@@ -22,7 +23,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         jsonl_field=args.field, parquet_column=args.field, hf_dataset=args.hf_dataset,
         hf_split=args.hf_split, val=args.val, val_fraction=args.val_fraction, seed=args.seed,
         encoding=args.encoding, errors=args.errors, overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not args.no_progress and sys.stderr.isatty(),  # no bars in log files
     )  # fmt: skip
     splits = manifest["splits"]
     print(f"wrote {args.out}: vocab {manifest['vocab_size']}, train {splits['train']['tokens']:,} "

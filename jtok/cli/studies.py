@@ -15,7 +15,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.steps <= 0:
         raise UsageError("--steps must be positive")
-    summary = run_demo(args.out, steps=args.steps, progress=not args.no_progress)
+    summary = run_demo(args.out, steps=args.steps,
+                       progress=not args.no_progress and sys.stderr.isatty())
     print(format_table(summary))
     print(f"\nwrote {args.out / 'summary.json'} and {args.out / 'loss_curves.png'}")
     return 0
