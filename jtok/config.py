@@ -262,6 +262,7 @@ class ModelConfig(_ConfigBase):
 SCHEDULES = ("cosine", "wsd", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+TABLE_PLACEMENTS = ("device", "host")
 
 
 @dataclass
@@ -312,6 +313,10 @@ class TrainConfig(_ConfigBase):
     device: str = "auto"  # "auto" takes CUDA when available
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
+    # Where the token-indexed tables live (jtok.tables.store): "device" (a Parameter on the
+    # model's device) or "host" (host memory; only a batch's rows reach the accelerator).
+    # A run-time choice: checkpoints are the same either way, and a resume may change it.
+    table_placement: str = "device"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -329,6 +334,7 @@ class TrainConfig(_ConfigBase):
         _require_choice(self.schedule, prefix + "schedule", SCHEDULES)
         _require_choice(self.device, prefix + "device", DEVICES)
         _require_choice(self.precision, prefix + "precision", PRECISIONS)
+        _require_choice(self.table_placement, prefix + "table_placement", TABLE_PLACEMENTS)
         for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip",
                      "table_weight_decay", "adam_eps"):  # fmt: skip
             _require(getattr(self, name) >= 0, prefix + name, "must be >= 0")

@@ -159,7 +159,7 @@ class MemoryEstimate:
 
 def estimate_memory(
     cfg: ModelConfig, training: bool = True, batch: int = 0, seq_len: int | None = None,
-    activation_bytes: int = 4,
+    activation_bytes: int = 4, include_tables: bool = True,
 ) -> MemoryEstimate:  # fmt: skip
     """Bytes to hold `cfg`'s model (and, when `training`, its gradients and the trainer's
     optimizer state), plus the activations of a forward over `batch` sequences of
@@ -171,7 +171,8 @@ def estimate_memory(
     are dense parameters like the rest. Activations count, per token, the logits with
     their gradient (fp32) and per layer the inputs of each matmul and of attention, at
     `activation_bytes` per element (2 under bf16 autocast); training keeps every layer's,
-    inference one layer's at a time.
+    inference one layer's at a time. `include_tables=False` leaves out the tables and their
+    optimizer state (host placement: they live elsewhere; see `table_memory`).
     """
     p = count_params(cfg)
     d, tok = cfg.d_model, cfg.tokmod
@@ -190,5 +191,20 @@ def estimate_memory(
     per_layer += (2 + tok.tables_per_layer) * d if tok.enabled else 0
     layers = cfg.n_layers if training else 1
     per_token = layers * per_layer * activation_bytes + (2 if training else 1) * 4 * cfg.vocab_size
+    if not include_tables:
+        host = table_memory(cfg, training)
+        return MemoryEstimate(params=4 * dense, grads=max(0, grads - host.grads),
+                              optimizer=optimizer - host.optimizer,
+                              activations=tokens * per_token)  # fmt: skip
     return MemoryEstimate(params=4 * (dense + tables), grads=grads, optimizer=optimizer,
                           activations=tokens * per_token)  # fmt: skip
+
+
+def table_memory(cfg: ModelConfig, training: bool = True) -> MemoryEstimate:
+    """Bytes of the tables alone: fp32 rows and, when training, RowAdam's two moments and
+    per-row step (what the host store keeps in host memory; gradients are the batch's
+    rows only and are counted with the activations' side)."""
+    tables = count_params(cfg).token_params
+    rows = tables // cfg.d_model
+    optimizer = 8 * tables + 8 * rows if training else 0
+    return MemoryEstimate(params=4 * tables, grads=0, optimizer=optimizer, activations=0)

@@ -81,3 +81,75 @@ def test_backward_reaches_every_parameter():
     (out.logits.square().mean() + out.aux_loss).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []
+
+
+def _left_padded(cfg, lengths, extra, seed=0, pad_id=0):
+    """Sequences of `lengths` + `extra` tokens, and their prompts left-padded into (B, P)."""
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, cfg.vocab_size, (n + extra,), generator=gen) for n in lengths]
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, width - n :] = seqs[b][:n]
+    return seqs, ids, [width - n for n in lengths]
+
+
+@pytest.mark.parametrize("name, overrides", VARIANTS, ids=IDS)
+def test_left_padded_rows_compute_what_each_row_computes_alone(name, overrides):
+    cfg = tiny(name, **overrides)
+    model = build_model(cfg, seed=3).eval()
+    lengths, extra = [5, 11, 1, 8], 4
+    seqs, ids, pad = _left_padded(cfg, lengths, extra)
+    with torch.no_grad():
+        cache = KVCache.empty(cfg, batch=4, max_len=max(lengths) + extra, pad=pad)
+        steps = [model(ids, cache=cache).logits]
+        for t in range(extra):
+            next_ids = torch.stack([s[n + t] for s, n in zip(seqs, lengths, strict=True)])[:, None]
+            steps.append(model(next_ids, cache=cache).logits)
+        batched = torch.cat(steps, dim=1)
+        for b in range(len(lengths)):  # position 0 of a row is its first real token
+            alone = model(seqs[b][None]).logits[0]
+            torch.testing.assert_close(batched[b, pad[b] :], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_padding_ids_never_change_a_real_position():
+    cfg = tiny(tokmod__kind="jtokm")
+    model = build_model(cfg, seed=4).eval()
+    logits = []
+    for pad_id in (0, 17):
+        _, ids, pad = _left_padded(cfg, [3, 9, 6], 0, pad_id=pad_id)
+        with torch.no_grad():
+            cache = KVCache.empty(cfg, batch=3, max_len=9, pad=pad)
+            out = model(ids, cache=cache).logits
+        logits.append(torch.cat([out[b, p:] for b, p in enumerate(pad)]))
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-6)
+    assert torch.isfinite(out).all()  # padding queries too: they see their own slot
+
+
+def test_dropping_rows_from_a_padded_cache_keeps_the_others():
+    cfg = tiny(tokmod__kind="jtok")
+    model = build_model(cfg, seed=5).eval()
+    lengths = [4, 7, 2]
+    seqs, ids, pad = _left_padded(cfg, lengths, 3)
+    with torch.no_grad():
+        cache = KVCache.empty(cfg, batch=3, max_len=10, pad=pad)
+        model(ids, cache=cache)
+        cache.select(torch.tensor([0, 2]))  # row 1 (the longest) has finished
+        assert cache.batch == 2 and cache.min_pad == 3
+        step = model(torch.stack([seqs[0][4], seqs[2][2]])[:, None], cache=cache).logits
+        alone = [model(seqs[b][None, : lengths[b] + 1]).logits[0, -1] for b in (0, 2)]
+    torch.testing.assert_close(step[:, 0], torch.stack(alone), rtol=1e-4, atol=1e-5)
+
+
+def test_a_padded_cache_may_hold_more_slots_than_the_context_but_no_longer_row():
+    cfg = tiny(max_seq_len="8")
+    model = build_model(cfg, seed=6).eval()
+    with torch.no_grad():
+        cache = KVCache.empty(cfg, batch=2, max_len=12, pad=[3, 0])
+        model(torch.ones(2, 6, dtype=torch.long), cache=cache)
+        cache.select(torch.tensor([0]))  # the 6-token row left; the 3-token row continues
+        for _ in range(5):  # slots 6..10: row 0 reaches 8 tokens, its context
+            model(torch.ones(1, 1, dtype=torch.long), cache=cache)
+        assert cache.pos == 11 and cache.longest(0) == 8
+        with pytest.raises(ValueError, match="exceeds"):
+            model(torch.ones(1, 1, dtype=torch.long), cache=cache)

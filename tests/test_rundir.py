@@ -143,9 +143,9 @@ def test_divergence_stops_before_a_bad_checkpoint(tiny_data, tmp_path, monkeypat
 
     real_loss, calls = train_module.lm_loss, {"n": 0}
 
-    def exploding(model, x, y):  # huge but finite from the 26th step on
+    def exploding(model, x, y, *rest):  # huge but finite from the 26th step on
         calls["n"] += 1
-        loss, out = real_loss(model, x, y)
+        loss, out = real_loss(model, x, y, *rest)
         return (loss * 1e6 if calls["n"] > 25 else loss), out
 
     monkeypatch.setattr(train_module, "lm_loss", exploding)

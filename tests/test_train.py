@@ -120,9 +120,9 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_data, 
 
     real_loss, calls = train_module.lm_loss, {"n": 0}
 
-    def poisoned(model, x, y):
+    def poisoned(model, x, y, *rest):
         calls["n"] += 1
-        loss, out = real_loss(model, x, y)
+        loss, out = real_loss(model, x, y, *rest)
         return (loss * float("nan") if calls["n"] > 5 else loss), out
 
     monkeypatch.setattr(train_module, "lm_loss", poisoned)

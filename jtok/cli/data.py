@@ -8,12 +8,19 @@ from pathlib import Path
 
 from jtok.cli.common import UsageError
 
+MAX_VOCAB = 1 << 22  # 4.2M ids; the largest public LM vocabularies are ~260K
+
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from jtok import data
 
     if args.vocab_size <= 0:
         raise UsageError(f"--vocab-size must be positive, got {args.vocab_size}")
+    if args.vocab_size > MAX_VOCAB:
+        # The BPE trainer allocates per candidate id: past a few million it only exhausts
+        # memory (and aborts the process without a Python error).
+        raise UsageError(f"--vocab-size {args.vocab_size:,} is larger than {MAX_VOCAB:,}, "
+                         "the most a byte-level BPE can usefully learn here")  # fmt: skip
     if args.val is not None and args.val_fraction is not None:
         raise UsageError("give --val FILE... or --val-fraction, not both")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:

@@ -25,11 +25,13 @@ def _human(n: float) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from jtok.flops import summarize
+    from jtok.parallel.resources import format_bytes
 
     cfg = resolve_model_config(args)
     if args.seq_len is not None and args.seq_len <= 0:
         raise UsageError(f"--seq-len must be positive, got {args.seq_len}")
     summary = summarize(cfg, args.seq_len)
+    summary["memory"] = _serving_memory(cfg, args.table_placement)
     if args.json:
         print(json.dumps({"config": cfg.to_dict(), **summary}))
         return 0
@@ -57,11 +59,24 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("rho = K / n_e", f"{summary['rho']:.3f}"),
         (f"train FLOPs/token (T={summary['seq_len']})", _human(summary["train_flops_per_token"])),
         ("inference FLOPs/token", _human(summary["inference_flops_per_token"])),
+        (f"weights, tables on {args.table_placement}",
+         f"accelerator {format_bytes(summary['memory']['accelerator_bytes'])}, host "
+         f"{format_bytes(summary['memory']['host_bytes'])} (fp32)"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _serving_memory(cfg, table_placement: str) -> dict:
+    """fp32 bytes of the weights on the accelerator and in host memory, for inference."""
+    from jtok.flops import estimate_memory, table_memory
+
+    on_host = table_placement == "host" and cfg.tokmod.enabled
+    device = estimate_memory(cfg, training=False, include_tables=not on_host).params
+    host = table_memory(cfg, training=False).params if on_host else 0
+    return {"table_placement": table_placement, "accelerator_bytes": device, "host_bytes": host}
 
 
 def resolve_config(args: argparse.Namespace):
@@ -127,6 +142,9 @@ def register(sub) -> None:
     add_model_arguments(info, default_preset=None)
     info.add_argument("--seq-len", type=positive_int, help="context length for attention FLOPs "
                       "(default: the model's max_seq_len)")  # fmt: skip
+    info.add_argument("--table-placement", choices=["device", "host"], default="device",
+                      help="where the tables would live: the memory line splits the weights "
+                      "between accelerator and host accordingly")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(handler=cmd_info)
 

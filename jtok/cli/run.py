@@ -99,9 +99,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.split not in manifest["splits"]:
             raise UsageError(f"--split {args.split!r}: the data has {list(manifest['splits'])}")
     device = resolve_device(saved.train.device)
-    run_cfg, model, state = load_run(args.run, args.checkpoint, device=device)
+    run_cfg, model, state = load_run(args.run, args.checkpoint, device=device,
+                                     table_placement=args.table_placement)  # fmt: skip
     if args.text is not None:
-        ids = data.encode_text_file(args.text, args.run / TOKENIZER_FILE)
+        # Strict UTF-8, like `data prepare`: replaced bytes would change what is measured.
+        ids = data.encode_text_file(args.text, args.run / TOKENIZER_FILE, errors="strict")
         seq_len = run_cfg.train.seq_len
         batches = data.eval_batches(ids, "text", seq_len, run_cfg.train.batch_size,
                                     args.max_tokens)  # fmt: skip
@@ -138,7 +140,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     finite = all(math.isfinite(v) for v in (args.temperature, args.top_p))
     if not finite or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise UsageError("need a finite --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
-    _, model, _ = load_run(args.run, args.checkpoint)  # CPU: generation is latency-bound
+    _, model, _ = load_run(args.run, args.checkpoint,  # CPU: generation is latency-bound
+                           table_placement=args.table_placement)  # fmt: skip
     tokenizer = load_tokenizer(args.run / TOKENIZER_FILE)
     prompt_ids = tokenizer.encode(args.prompt).ids
     if not prompt_ids:
@@ -186,6 +189,8 @@ def register(sub) -> None:
     source.add_argument("--split", default="val", help="a split of the run's data")
     ev.add_argument("--data", type=Path, help="the run's data directory, if it moved")
     ev.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
+    ev.add_argument("--table-placement", choices=["device", "host"], default="device",
+                    help="keep the tables on the model's device or in host memory")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(handler=cmd_eval)
 
@@ -199,4 +204,6 @@ def register(sub) -> None:
     sa.add_argument("--top-k", type=int, default=50, help="0 = off")
     sa.add_argument("--top-p", type=float, default=0.95)
     sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--table-placement", choices=["device", "host"], default="device",
+                    help="keep the tables on the model's device or in host memory")
     sa.set_defaults(handler=cmd_sample)

@@ -49,15 +49,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
-    from jtok.studies.fit import LOSS_FIELDS
+    from jtok.studies.fit import BOOTSTRAP_METHODS, LOSS_FIELDS, PARAM_COUNTS
 
     parser.add_argument("dir", type=Path, metavar="DIR", help="sweep directory (results.jsonl)")
     parser.add_argument("--json", action="store_true", help="print fit.json as one JSON object")
     parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                         help="write fit_*.png figures (default: on)")  # fmt: skip
-    parser.add_argument("--baseline", default="baseline", metavar="NAME",
+    parser.add_argument("--baseline", default=None, metavar="NAME",
                         help="variant label of the baseline (default: baseline)")  # fmt: skip
-    parser.add_argument("--treatment", default="jtokm", metavar="NAME",
+    parser.add_argument("--treatment", default=None, metavar="NAME",
                         help="variant compared against it in the headline (default: jtokm)")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="resamples for confidence intervals, 0 = none (default: 1000)")
@@ -70,8 +70,22 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, metavar="OUT",
                         help="write fit.json, REPORT_fit.md and figures here (default: DIR)")
     parser.add_argument("--noise", type=float, default=None, metavar="SIGMA",
-                        help="per-run loss sd (nats) for the bootstrap, e.g. a measured seed "
-                             "spread (default: the quadratics' residual spread)")  # fmt: skip
+                        help="measured sd of one run's loss (nats), from repeated seeds: the "
+                             "floor of the bootstrap's noise and the sigma of the power line "
+                             "(default: the spread of repeated seeds in the results, if any)")
+    parser.add_argument("--params", choices=PARAM_COUNTS, default="all",
+                        help="N_c to fit in: all backbone parameters, or without the input "
+                             "embedding and head (default: all)")  # fmt: skip
+    parser.add_argument("--include-edge-minima", action="store_true",
+                        help="keep isoFLOP minima at the smallest or largest size of their "
+                             "grid in the frontiers (default: flagged and left out)")
+    parser.add_argument("--bootstrap-method", choices=BOOTSTRAP_METHODS, default="case",
+                        help="case: redraw (backbone, seed) cases within each budget, covers "
+                             "the quadratic's misfit; parametric: noise around each fitted "
+                             "quadratic (default: case)")  # fmt: skip
+    parser.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
+                        help="profiles share the bootstrap draw of runs at the same budget, "
+                             "backbone and seed (default: on)")  # fmt: skip
     parser.add_argument("--variants", type=_variant_list, default=None, metavar="A,B,...",
                         help="fit only these variants, comma-separated (default: all)")
 
@@ -88,10 +102,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     if args.bootstrap < 0:
         raise UsageError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    result = run_fit(args.dir, baseline=args.baseline, treatment=args.treatment,
+    # A variant named on the command line must exist (a typo would fit nothing); the
+    # defaults may be absent from a study that has no such variant (a note says so).
+    required = [n for n in (args.baseline, args.treatment) if n is not None]
+    result = run_fit(args.dir, baseline=args.baseline or "baseline",
+                     treatment=args.treatment or "jtokm", required_variants=required,
                      bootstrap=args.bootstrap, seed=args.seed, plots=args.plots,
                      loss_field=args.loss, window=args.window, noise=args.noise,
-                     out=args.out, variants=args.variants)  # fmt: skip
+                     out=args.out, variants=args.variants, params=args.params,
+                     include_edge=args.include_edge_minima,
+                     bootstrap_method=args.bootstrap_method, paired=args.paired)  # fmt: skip
     print(json.dumps(result) if args.json else format_summary(result))
     return 0
 
@@ -121,7 +141,8 @@ def register(sub) -> None:
         help="fit scaling laws and isoFLOP frontiers to a sweep's results",
         description="Fit, from DIR/results.jsonl (written by `jtok sweep`): the log-linear "
         "law of loss in eta at a fixed backbone; isoFLOP minima, frontiers and the compute "
-        "saving / loss gap between two variants with bootstrap CIs; the parametric law "
+        "saving / loss gap between two variants with bootstrap CIs (minima at a grid's edge "
+        "flagged and left out); the smallest effects the design detects; the parametric law "
         "L(N, D) = E + A/N^alpha + B/D^beta with and without N_eff = N_c (1 + eta gamma). "
         "Writes DIR/fit.json, DIR/REPORT_fit.md and PNG plots.",
     )

@@ -76,7 +76,10 @@ class MoE(nn.Module):
         weights_TK, index_TK, probs_TE = route_topk(
             logits_TE, self.cfg.top_k, self.cfg.score_func, self.cfg.renormalize, bias
         )
-        aux = balance_loss(probs_TE, index_TK) if self.cfg.balance == "aux_loss" else None
+        # The balance loss only trains the router: skipped where nothing is trained (eval,
+        # decoding), as JTok-M's is, so a benchmark compares equals.
+        train_router = self.cfg.balance == "aux_loss" and torch.is_grad_enabled()
+        aux = balance_loss(probs_TE, index_TK) if train_router else None
 
         # Sort the (token, slot) pairs by expert so each expert sees one contiguous block.
         counts_E = selection_counts(index_TK, self.cfg.num_experts)

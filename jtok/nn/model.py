@@ -12,6 +12,7 @@ Shape suffixes where they help: B batch, T time, D width, H heads, G kv heads, D
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from jtok.config import ModelConfig
 from jtok.nn.ffn import MoE, SwiGLU
 from jtok.tables.mixers import JTok, JTokM
-from jtok.tables.store import TokenRows, TokenTables
+from jtok.tables.store import TokenRows, make_store
 
 
 class RMSNorm(nn.Module):
@@ -55,26 +56,80 @@ def apply_rope(x_BHTDh: Tensor, cos_TDh2: Tensor, sin_TDh2: Tensor) -> Tensor:
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer for incremental decoding, preallocated."""
+    """Keys and values of every layer for incremental decoding, preallocated.
+
+    Prompts of different lengths share one cache by left padding: row b's first `pad[b]`
+    slots hold no token. Attention never reads those slots (`valid`), and RoPE positions
+    count from each row's first real token, so a padded row computes what it would alone.
+    """
 
     keys: list[Tensor]  # per layer (B, G, max_len, Dh)
     values: list[Tensor]
-    pos: int = 0  # tokens already in the cache
+    pos: int = 0  # slots already filled (the same for every row)
+    pad: Tensor | None = None  # int64 (B,): left-padding slots per row; None: no padding
+    valid: Tensor | None = None  # bool (B, max_len): slot holds a real token (with `pad`)
+    min_pad: int = 0  # min(pad), kept on the host: the length check needs no device sync
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int | None = None,
               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-              ) -> KVCache:  # fmt: skip
+              pad: Sequence[int] | Tensor | None = None) -> KVCache:  # fmt: skip
+        """A cache for `batch` rows; `pad` (one count per row) for left-padded prompts."""
         shape = (batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim)
 
         def per_layer() -> list[Tensor]:
             return [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
 
-        return cls(keys=per_layer(), values=per_layer())
+        cache = cls(keys=per_layer(), values=per_layer())
+        if pad is not None:
+            pad_B = torch.as_tensor(pad, dtype=torch.long, device=device).reshape(-1)
+            if pad_B.numel() != batch or bool((pad_B < 0).any()):
+                raise ValueError(f"pad needs {batch} counts >= 0, got {pad_B.tolist()}")
+            if bool(pad_B.any()):  # all zeros: the unpadded path, unchanged
+                cache.pad, cache.min_pad = pad_B, int(pad_B.min())
+                cache.valid = torch.arange(shape[2], device=device)[None, :] >= pad_B[:, None]
+        return cache
 
     @property
     def max_len(self) -> int:
         return self.keys[0].shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    def positions(self, T: int) -> Tensor:
+        """RoPE positions (B, T) of the next T slots: each row counts from its first token.
+        Padding slots get position 0 (what they compute is never read)."""
+        slots = torch.arange(self.pos, self.pos + T, device=self.pad.device)
+        return (slots[None, :] - self.pad[:, None]).clamp_min(0)
+
+    def attention_mask(self, T: int) -> Tensor:
+        """Which filled slots (B, 1, T, pos + T) each of T new queries of a padded cache reads.
+
+        A real query reads the real slots up to its own; a padding query reads only its
+        own slot, so its row stays finite (a fully masked row would be NaN, and NaN values
+        of masked slots still poison the weighted sum: 0 * NaN = NaN)."""
+        S = self.pos + T
+        valid = self.valid[:, None, None, :S]
+        if T == 1:  # one real query per row: every real slot so far
+            return valid
+        key = torch.arange(S, device=valid.device)
+        query = torch.arange(self.pos, S, device=valid.device)[:, None]
+        return (valid | (key == query)) & (key <= query)
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only `rows` (int64 indices), e.g. dropping sequences that have finished."""
+        for layer in range(len(self.keys)):
+            self.keys[layer] = self.keys[layer].index_select(0, rows)
+            self.values[layer] = self.values[layer].index_select(0, rows)
+        if self.pad is not None:
+            self.pad, self.valid = self.pad[rows], self.valid[rows]
+            self.min_pad = int(self.pad.min()) if self.pad.numel() else 0
+
+    def longest(self, T: int) -> int:
+        """The longest row's length (tokens) once T more slots are filled."""
+        return self.pos + T - self.min_pad
 
 
 class Attention(nn.Module):
@@ -90,6 +145,7 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor,
                 cache: KVCache | None = None, layer: int = 0) -> Tensor:  # fmt: skip
+        """`cos` / `sin`: (T, Dh/2), or (B, 1, T, Dh/2) for per-row positions."""
         B, T, _ = x_BTD.shape
         q, k, v = self.wqkv(x_BTD).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
@@ -107,13 +163,16 @@ class Attention(nn.Module):
             v_BGTDh = cache.values[layer][:, :, : start + T]
 
         mask = None
-        if start > 0 and T > 1:  # a chunk after a prefix: query i sees keys <= start + i
+        if cache is not None and cache.pad is not None:  # left-padded rows
+            mask = cache.attention_mask(T)
+        elif start > 0 and T > 1:  # a chunk after a prefix: query i sees keys <= start + i
             key_pos = torch.arange(start + T, device=x_BTD.device)
             query_pos = torch.arange(start, start + T, device=x_BTD.device)
             mask = key_pos[None, :] <= query_pos[:, None]
         out_BHTDh = F.scaled_dot_product_attention(
             q_BHTDh, k_BGTDh, v_BGTDh, attn_mask=mask,
-            is_causal=(start == 0 and T > 1), enable_gqa=self.n_kv_heads != self.n_heads,
+            is_causal=(mask is None and start == 0 and T > 1),
+            enable_gqa=self.n_kv_heads != self.n_heads,
         )  # fmt: skip
         return self.wo(out_BHTDh.transpose(1, 2).reshape(B, T, -1))
 
@@ -163,7 +222,7 @@ class JTokModel(nn.Module):
     # Optimizer roles of this module's parameters (jtok.training.optim.parameter_roles).
     PARAM_ROLES = {"embed.weight": "embedding", "head.weight": "embedding"}
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, table_placement: str = "device"):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -171,7 +230,8 @@ class JTokModel(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.token_tables = TokenTables(cfg) if cfg.tokmod.enabled else None
+        # Where the tables live is a run-time choice (jtok.tables.store.make_store).
+        self.token_tables = make_store(cfg, table_placement) if cfg.tokmod.enabled else None
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -227,7 +287,10 @@ class JTokModel(nn.Module):
                 if isinstance(block.tokmod, JTokM):
                     normal(block.tokmod.router, tok.router_init_std)
         if self.token_tables is not None:
-            normal(self.token_tables.weight, tok.table_init_std)
+            table = self.token_tables.weight
+            if table.device != gen.device:  # host tables beside an accelerator model
+                gen = torch.Generator(device=table.device).manual_seed(seed)
+            normal(table, tok.table_init_std)
         cos, sin = rope_tables(cfg, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
@@ -237,15 +300,23 @@ class JTokModel(nn.Module):
                 token_rows: TokenRows | None = None) -> ModelOutput:  # fmt: skip
         """Logits for token ids (B, T).
 
-        With `cache`, the ids continue the cached sequence and the cache advances.
+        With `cache`, the ids continue the cached sequence and the cache advances; a
+        cache with left padding (`KVCache.empty(pad=...)`) gives each row its own
+        positions and hides its padding slots from attention.
         `token_rows` lets a caller supply the table rows (e.g. prefetched from host
         memory); by default they are gathered from `token_tables`.
         """
         B, T = ids_BT.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len or (cache is not None and start + T > cache.max_len):
-            raise ValueError(f"sequence length {start + T} exceeds max_seq_len / cache length")
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        longest = cache.longest(T) if cache is not None else T
+        if longest > self.cfg.max_seq_len or (cache is not None and start + T > cache.max_len):
+            raise ValueError(f"sequence length {longest} (cache slots {start + T}) exceeds "
+                             "max_seq_len / cache length")  # fmt: skip
+        if cache is not None and cache.pad is not None:  # left-padded: per-row positions
+            positions_BT = cache.positions(T)
+            cos, sin = self.rope_cos[positions_BT][:, None], self.rope_sin[positions_BT][:, None]
+        else:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         if self.token_tables is not None and token_rows is None:
             token_rows = self.token_tables.lookup(ids_BT)
 
@@ -276,17 +347,21 @@ class JTokModel(nn.Module):
         return ModelOutput(logits=logits, aux_loss=aux_loss, aux_terms=terms)
 
 
-def build_model(cfg: ModelConfig, seed: int = 0, device: torch.device | str = "cpu") -> JTokModel:
+def build_model(cfg: ModelConfig, seed: int = 0, device: torch.device | str = "cpu",
+                table_placement: str = "device") -> JTokModel:  # fmt: skip
     """Construct and initialise a model. ``device="meta"`` allocates nothing (for counting).
 
     The modules are built on the meta device and materialised once, so construction
     neither draws from the global RNG nor initialises anything twice: `init_weights` is
-    the only place values come from.
+    the only place values come from. With ``table_placement="host"`` the tables are
+    allocated in host memory and never on `device` (jtok.tables.host).
     """
     with torch.device("meta"):
-        model = JTokModel(cfg)
+        model = JTokModel(cfg, table_placement)
     if str(device) != "meta":
         model.to_empty(device=device)
+        if model.token_tables is not None and hasattr(model.token_tables, "materialize"):
+            model.token_tables.materialize()
         model.tie_weights()
         model.init_weights(seed)
     return model

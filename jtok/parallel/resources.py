@@ -18,7 +18,7 @@ from pathlib import Path
 
 from jtok.config import ModelConfig
 from jtok.errors import JTokError
-from jtok.flops import MemoryEstimate, estimate_memory
+from jtok.flops import MemoryEstimate, estimate_memory, table_memory
 
 
 class ResourceError(JTokError):
@@ -81,7 +81,7 @@ def format_bytes(n: float) -> str:
 
 def check_memory(
     cfg: ModelConfig | Sequence[ModelConfig], device, training: bool, what: str,
-    batch: int = 0, seq_len: int | None = None,
+    batch: int = 0, seq_len: int | None = None, table_placement: str = "device",
 ) -> MemoryEstimate:  # fmt: skip
     """Raise ResourceError if the model(s) cannot fit in `device`'s available memory.
 
@@ -94,6 +94,8 @@ def check_memory(
     what: names the job in the message, e.g. "jtok train" or "jtok bench (3 variants)".
     batch, seq_len: sequences per forward and their length, to count activations too
         (batch 0: parameters and optimizer state only).
+    table_placement: "host" counts the tables (and their row-optimizer state) against
+        host memory instead of an accelerator's.
 
     Returns the estimate. Does nothing (beyond estimating) when the available memory is
     unknown or JTOK_NO_MEMORY_CHECK=1. The message is one line, e.g. "jtok bench needs
@@ -102,7 +104,15 @@ def check_memory(
     cfgs = [cfg] if isinstance(cfg, ModelConfig) else list(cfg)
     kind = getattr(device, "type", str(device).split(":")[0])
     act_bytes = 2 if kind == "cuda" else 4  # bf16 autocast on CUDA
-    each = [estimate_memory(one, training, batch, seq_len, act_bytes) for one in cfgs]
+    split = table_placement == "host" and kind != "cpu"
+    each = [estimate_memory(one, training, batch, seq_len, act_bytes,
+                            include_tables=not split) for one in cfgs]  # fmt: skip
+    if split and os.environ.get("JTOK_NO_MEMORY_CHECK", "") in ("", "0"):
+        host_need = sum(table_memory(one, training).total for one in cfgs)
+        host_have = available_memory("cpu")
+        if host_have is not None and host_need > host_have:
+            raise ResourceError(f"{what}: the host tables need {format_bytes(host_need)}, but "
+                                f"the host has {format_bytes(host_have)} available")  # fmt: skip
     need = MemoryEstimate(
         params=sum(e.params for e in each), grads=sum(e.grads for e in each),
         optimizer=sum(e.optimizer for e in each),

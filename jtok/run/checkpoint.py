@@ -281,7 +281,9 @@ def load_model_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
     """Load `model.safetensors` into `model`; every tensor must be present and fit."""
     path = Path(ckpt_dir) / MODEL_FILE
     try:
-        tensors = load_file(path, device=str(next(model.parameters()).device))
+        # Read on the host; load_state_dict copies each tensor to where its parameter
+        # lives, so host tables (jtok.tables.host) never pass through the accelerator.
+        tensors = load_file(path, device="cpu")
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"cannot read weights {path}: {str(err).splitlines()[0]}") from None
     expected = {k: tuple(v.shape) for k, v in _persistent_state(model).items()}
@@ -297,9 +299,8 @@ def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizers=None) -> 
         path = Path(ckpt_dir) / OPTIMIZER_FILE
         if "optimizer" not in state or not path.is_file():
             raise CheckpointError(f"checkpoint {ckpt_dir} has no optimizer state")
-        device = str(next(model.parameters()).device)
-        try:
-            tensors = load_file(path, device=device)
+        try:  # on the host: Optimizer.load_state_dict moves each state to its parameter
+            tensors = load_file(path, device="cpu")
             optimizers.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
         except (OSError, SafetensorError, ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"optimizer state {path} does not load: "

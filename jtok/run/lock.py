@@ -22,7 +22,7 @@ from jtok.run.files import LOCK_FILE
 
 
 class RunBusyError(JTokError):
-    """Another process holds the run directory."""
+    """The run directory cannot be locked: another process holds it, or it cannot be made."""
 
 
 _held: dict[str, tuple[object, int]] = {}  # resolved lock path -> (open file, depth)
@@ -39,14 +39,18 @@ def _holder_pid(path: Path) -> str:
 def try_lock(run_dir: Path | str) -> bool:
     """Take the run's lock if free (creating the directory); False if another process holds it."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
-    key = str(path.resolve())
-    if key in _held:
-        handle, depth = _held[key]
-        _held[key] = (handle, depth + 1)
-        return True
-    handle = open(path, "a+")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        key = str(path.resolve())
+        if key in _held:
+            handle, depth = _held[key]
+            _held[key] = (handle, depth + 1)
+            return True
+        handle = open(path, "a+")
+    except OSError as err:
+        raise RunBusyError(f"cannot use {run_dir} as a run directory: "
+                           f"{err.strerror or err}") from None  # fmt: skip
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

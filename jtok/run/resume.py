@@ -4,9 +4,9 @@ A resumed run must go on as the run it was, so a difference between the saved co
 the one asked for falls in one of three kinds:
 
 - Run-time settings (RUNTIME_KEYS: how often to log, validate and save, how many
-  checkpoints to keep, how many validation tokens, the device, compile; later issues add
-  table placement and parallelism) change how the run is executed, not what it computes.
-  They are applied and recorded.
+  checkpoints to keep, how many validation tokens, the device, compile, the table
+  placement; the distributed-training issue adds parallelism) change how the run is
+  executed, not what it computes. They are applied and recorded.
 - ``train.steps``. The schedule is a function of the total, so a new total is applied
   only where it leaves the learning rate at the resume step unchanged: WSD in its stable
   phase (the stable phase extends), "constant", or still in warmup. Elsewhere (cosine,
@@ -31,7 +31,7 @@ from jtok.schedule import lr_factor
 
 RUNTIME_KEYS = frozenset({
     "train.eval_every", "train.save_every", "train.log_every", "train.keep_checkpoints",
-    "train.eval_tokens", "train.device", "train.compile",
+    "train.eval_tokens", "train.device", "train.compile", "train.table_placement",
 })  # fmt: skip
 
 

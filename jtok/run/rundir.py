@@ -140,6 +140,17 @@ def check_out_dir(run_dir: Path) -> None:
         raise RunDirError(f"--out {run_dir}: {parent} is not writable")
 
 
+def _refuse_data_overlap(run_dir: Path, train_data: str) -> None:
+    """A run directory may not be, contain or sit inside its data directory: --overwrite
+    would delete the data's files, and a run's files would land among them."""
+    if not train_data:
+        return
+    run, data_dir = run_dir.resolve(), Path(train_data).resolve()
+    if run == data_dir or data_dir in run.parents or run in data_dir.parents:
+        raise RunDirError(f"--out {run_dir} overlaps the data directory {train_data}; give "
+                          "the run a directory of its own")  # fmt: skip
+
+
 def saved_run_config(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
@@ -168,6 +179,7 @@ def plan_start(run_dir: Path | str, run_cfg: RunConfig, *, resume: bool = False,
 
     run_dir = Path(run_dir)
     check_out_dir(run_dir)
+    _refuse_data_overlap(run_dir, run_cfg.train.data)
     if not resume:
         present = _outputs_present(run_dir)
         if present and not overwrite:
@@ -180,6 +192,7 @@ def plan_start(run_dir: Path | str, run_cfg: RunConfig, *, resume: bool = False,
 
     saved = saved_run_config(run_dir)
     info = read_run_info(run_dir)
+    read_metrics(run_dir)  # corrupt metrics fail here, before anything is rewritten
     latest = ckpt.latest_checkpoint(run_dir)
     step = 0
     if latest is not None:
@@ -309,8 +322,10 @@ def differences_ignoring_data_path(recorded: dict | None, planned: RunConfig,
 
 
 def load_run(run_dir: Path | str, checkpoint: Path | str | None = None,
-             device: Any = "cpu"):  # fmt: skip
-    """(RunConfig, model with trained weights, checkpoint state) of a training run."""
+             device: Any = "cpu", table_placement: str = "device"):  # fmt: skip
+    """(RunConfig, model with trained weights, checkpoint state) of a training run.
+
+    `table_placement` "host" keeps the tables in host memory (jtok.tables.host)."""
     from jtok.nn.model import build_model
 
     run_dir = Path(run_dir)
@@ -324,7 +339,8 @@ def load_run(run_dir: Path | str, checkpoint: Path | str | None = None,
         raise RunDirError(f"checkpoint {ckpt_dir} does not exist")
     state = ckpt.validate_checkpoint(ckpt_dir, build_model(run_cfg.model, device="meta"),
                                      with_optimizer=False)  # fmt: skip
-    check_memory(run_cfg.model, device, training=False, what=f"loading run {run_dir}")
-    model = build_model(run_cfg.model, device=device)
+    check_memory(run_cfg.model, device, training=False, what=f"loading run {run_dir}",
+                 table_placement=table_placement)  # fmt: skip
+    model = build_model(run_cfg.model, device=device, table_placement=table_placement)
     ckpt.load_model_weights(ckpt_dir, model)
     return run_cfg, model.eval(), state

@@ -58,10 +58,13 @@ from jtok.config_file import load_mapping
 from jtok.errors import JTokError
 from jtok.flops import count_flops, summarize
 from jtok.io import append_jsonl, read_jsonl, write_json_atomic
+from jtok.parallel.distributed import resolve_device
+from jtok.parallel.resources import check_memory
 from jtok.presets import preset
 from jtok.run.checkpoint import latest_checkpoint
 from jtok.run.lock import try_lock, unlock
 from jtok.run.rundir import (
+    check_out_dir,
     data_fingerprint,
     differences_ignoring_data_path,
     read_metrics,
@@ -205,7 +208,8 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
         raise SweepError("sweep spec: budget must be {flops: [...]} or {tokens: [...]}")
     kind, values = next(iter(budget.items()))
     try:  # YAML reads 1e14 (no dot) as a string
-        values = [float(v) for v in values] if isinstance(values, list) else []
+        values = ([float(v) for v in values] if isinstance(values, list)
+                  and not any(isinstance(v, bool) for v in values) else [])  # fmt: skip
     except (TypeError, ValueError):
         values = []
     if not values or not all(math.isfinite(v) and v > 0 for v in values):
@@ -394,6 +398,21 @@ def select_runs(runs: list[PlannedRun], shard: tuple[int, int],
     return mine
 
 
+def preflight(runs: list[PlannedRun], out: Path) -> None:
+    """Check, before anything is written or trained, what would stop a run later: the
+    output path, every data directory, every device, and every run's memory needs."""
+    check_out_dir(out)
+    for data_dir in dict.fromkeys(r.config.train.data for r in runs):
+        data.verify_data_dir(data_dir)
+    for run in runs:
+        device = resolve_device(run.config.train.device)
+        data.check_vocab(data.load_manifest(run.config.train.data), run.config.model.vocab_size)
+        check_memory(run.config.model, device, training=True, what=f"sweep run {run.name}",
+                     batch=run.config.train.batch_size // run.config.train.grad_accum,
+                     seq_len=run.config.train.seq_len,
+                     table_placement=run.config.train.table_placement)  # fmt: skip
+
+
 def run_sweep(
     spec_path: Path, out: Path, shard: tuple[int, int] = (0, 1), dry_run: bool = False,
     progress: bool = True, log=print, only: list[str] | None = None,
@@ -403,7 +422,11 @@ def run_sweep(
     if dry_run:
         return mine
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    preflight(mine, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SweepError(f"cannot create --out {out}: {err.strerror or err}") from None
     # The copy follows the spec that last ran here: a grid may grow between sessions.
     write_json_atomic(out / "spec.json", spec)
     done = finished_runs(out)

@@ -45,6 +45,13 @@ from jtok.config import ModelConfig, TokModConfig
 from jtok.nn.routing import balance_loss, route_topk
 
 
+def _add_scaled_unit(base_ND: Tensor, e_ND: Tensor, s_D: Tensor, c: float, eps: float):
+    """Eq 13's update: (base + s * c * e / (||e|| + eps), ||e||, c / (||e|| + eps))."""
+    norm_N1 = torch.linalg.vector_norm(e_ND, dim=-1, keepdim=True)
+    coeff_N1 = c / (norm_N1 + eps)
+    return torch.addcmul(base_ND, e_ND * coeff_N1, s_D), norm_N1, coeff_N1
+
+
 class _AddScaledUnit(torch.autograd.Function):
     """``base + s * c * e / (||e||_2 + eps)`` per row, fused (Eq 13).
 
@@ -57,11 +64,10 @@ class _AddScaledUnit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base_ND: Tensor, e_ND: Tensor, s_D: Tensor, c: float, eps: float) -> Tensor:
-        norm_N1 = torch.linalg.vector_norm(e_ND, dim=-1, keepdim=True)
-        coeff_N1 = c / (norm_N1 + eps)
+        out, norm_N1, coeff_N1 = _add_scaled_unit(base_ND, e_ND, s_D, c, eps)
         ctx.save_for_backward(e_ND, s_D, norm_N1, coeff_N1)
         ctx.eps = eps
-        return torch.addcmul(base_ND, e_ND * coeff_N1, s_D)
+        return out
 
     @staticmethod
     def backward(ctx, grad_ND: Tensor):
@@ -146,7 +152,7 @@ class JTokM(nn.Module):
 
     def forward(
         self, h_in: Tensor, h_tilde: Tensor, m: Tensor, rows_UnD: Tensor, inverse_N: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor | None]:
         weights_NK, index_NK, probs_NE = self.route(h_in)
         # Eq 12 as one fused gather-and-weighted-sum: row inverse*n + i of the layer's
         # (U*n, d) block is E_{l,i}[x]. embedding_bag never materialises the (N, K, d)
@@ -159,10 +165,17 @@ class JTokM(nn.Module):
             mode="sum",
         )
         base_ND = (h_tilde + m).reshape(e_ND.shape).float()
+        grad = torch.is_grad_enabled()
         if self.l2_normalize:
-            h_out = _AddScaledUnit.apply(
-                base_ND, e_ND, self.scale.float(), self.residual_factor, self.eps
-            )  # Eq 13: h' = h~ + m + s * e / (||e|| + eps) / sqrt(2 N_l)
+            # Eq 13: h' = h~ + m + s * e / (||e|| + eps) / sqrt(2 N_l). Without autograd
+            # (eval, decoding) the same forward runs without the Function's bookkeeping,
+            # which is most of this layer's cost for one token.
+            scale = self.scale.float()
+            h_out = (_AddScaledUnit.apply(base_ND, e_ND, scale, self.residual_factor, self.eps)
+                     if grad else _add_scaled_unit(base_ND, e_ND, scale, self.residual_factor,
+                                                   self.eps)[0])  # fmt: skip
         else:  # ablation: the raw mixture, scaled
             h_out = base_ND + self.residual_factor * e_ND * self.scale.float()
-        return h_out.view_as(m).to(h_tilde.dtype), balance_loss(probs_NE, index_NK)
+        # The balance loss only trains the router: skipped where nothing is trained.
+        aux = balance_loss(probs_NE, index_NK) if grad else None
+        return h_out.view_as(m).to(h_tilde.dtype), aux

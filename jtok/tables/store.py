@@ -1,16 +1,25 @@
-"""Where token-indexed rows live: today one fused Parameter on the model's device.
+"""Stores: where token-indexed rows live. The model asks a store for rows; it never knows
+where they are.
 
-All tables of a model are one parameter ``weight`` of shape ``(n_tok_layers * V * n, d)``
-with n tables per layer: row ``(l * V + x) * n + i`` is table i's row for token x in the
-l-th table-carrying layer. A forward does one gather for all layers (`TokenTables.lookup`),
-and with ``dedup`` that gather reads each distinct token id of the batch once (token
-frequencies are Zipfian, so a batch has far fewer distinct ids than positions); the result
-splits into one contiguous (U, n, d) block per layer. With ``sparse_grad`` the gradient
-holds only the gathered rows, for `jtok.tables.row_adam.RowAdam`.
+Every store holds all tables of a model as one (n_tok_layers * V * n, d) matrix, row
+``(l * V + x) * n + i`` being table i's row for key x in the l-th table-carrying layer,
+and answers `rows(keys)` with one gather for all layers: `TokenRows`, one (U, n, d) block
+per layer for the U distinct keys of the batch (jtok.tables.keys).
+
+- `TokenTables` (placement "device"): the matrix is a Parameter on the model's device. With
+  ``sparse_grad`` its gradient holds only the gathered rows, for `RowAdam`.
+- `HostTables` (placement "host", jtok.tables.host): the matrix and its row-optimizer
+  state stay in host memory; only a batch's gathered rows travel to the accelerator.
+- A sharded store (rows split across processes) is the distributed-training issue's; it
+  answers the same `rows(keys)`.
+
+Placement is a run-time choice (`train.table_placement`, `--table-placement`), not part
+of the model config: `make_store(cfg, placement)` builds the store a model uses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jtok.config import ModelConfig
+from jtok.errors import JTokError
+from jtok.tables.keys import CurrentTokenKey, RowKeys
+
+PLACEMENTS = ("device", "host")
+
+
+class TableStoreError(JTokError):
+    """A table store cannot be built or used as asked."""
 
 
 @dataclass
@@ -32,25 +49,79 @@ class TokenRows:
     inverse_N: Tensor
 
 
-class TokenTables(nn.Module):
-    """Every token-indexed table of a model, one (d,) row per (layer, token, table)."""
+class LazyTokenRows:
+    """TokenRows whose gather is still running (a background thread, a side stream).
 
-    # Optimizer roles of this module's parameters (jtok.training.optim.parameter_roles).
-    PARAM_ROLES = {"weight": "table"}
+    The model reads ``layers`` only when the first table-carrying layer needs them, so the
+    gather overlaps the embedding and everything before that layer. An error in the
+    gather surfaces here, on first use, as a TableStoreError (never a hang)."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
+    def __init__(self, resolve: Callable[[], tuple[Tensor, ...]], inverse_N: Tensor):
+        self._resolve = resolve
+        self._layers: tuple[Tensor, ...] | None = None
+        self.inverse_N = inverse_N
+
+    @property
+    def layers(self) -> tuple[Tensor, ...]:
+        if self._layers is None:
+            self._layers = self._resolve()
+        return self._layers
+
+
+class _TableLayout:
+    """Shape bookkeeping every store shares: layers, tables per layer, row addresses."""
+
+    def _init_layout(self, cfg: ModelConfig) -> None:
         self.layers = cfg.tokmod_layers
         self.tables_per_layer = cfg.tokmod.tables_per_layer
         self.vocab_size = cfg.vocab_size
+        self.d_model = cfg.d_model
         self.dedup = cfg.tokmod.dedup
         self.sparse_grad = cfg.tokmod.sparse_grad
-        n_rows = len(self.layers) * cfg.vocab_size * self.tables_per_layer
-        self.weight = nn.Parameter(torch.empty(n_rows, cfg.d_model))
+        self.key = CurrentTokenKey(cfg.vocab_size, dedup=cfg.tokmod.dedup)
+        self.n_rows = len(self.layers) * cfg.vocab_size * self.tables_per_layer
 
     def slot(self, layer: int) -> int:
         """Index into `TokenRows.layers` of a table-carrying layer."""
         return self.layers.index(layer)
+
+    def row_index(self, keys_U: Tensor) -> Tensor:
+        """Rows of the table matrix for key values (U,), all layers and tables: (L*U*n,)."""
+        layer_start_L1, table_n = self._offsets(keys_U.device)
+        token_row = (layer_start_L1 + keys_U[None, :]) * self.tables_per_layer  # (L, U)
+        return (token_row[:, :, None] + table_n).reshape(-1)
+
+    def _offsets(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        # Two small constant tensors, made once per device: rebuilding them each forward is
+        # two kernel launches of pure overhead when decoding one token.
+        cache = self.__dict__.setdefault("_offset_cache", {})
+        if device not in cache:
+            layer_start = torch.arange(len(self.layers), device=device) * self.vocab_size
+            cache[device] = (layer_start[:, None],
+                             torch.arange(self.tables_per_layer, device=device))  # fmt: skip
+        return cache[device]
+
+    def split_layers(self, rows: Tensor, count: int) -> tuple[Tensor, ...]:
+        # (L*U*n, d) -> L blocks of (U, n, d). unbind's backward is one stack, so the
+        # gradient of all layers is assembled in one pass, not one full copy per layer.
+        return rows.view(len(self.layers), count, self.tables_per_layer, -1).unbind(0)
+
+    def lookup(self, ids: Tensor) -> TokenRows:
+        """Rows of every layer for token ids of any shape (the key, then `rows`)."""
+        return self.rows(self.key(ids), ids.device)
+
+
+class TokenTables(_TableLayout, nn.Module):
+    """The device store: every table of a model as one Parameter on the model's device."""
+
+    # Optimizer roles of this module's parameters (jtok.training.optim.parameter_roles).
+    PARAM_ROLES = {"weight": "table"}
+    placement = "device"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self._init_layout(cfg)
+        self.weight = nn.Parameter(torch.empty(self.n_rows, cfg.d_model))
 
     def layer_weight(self, layer: int) -> Tensor:
         """The tables of one layer as a (V, n, d) view: E_{l,i}[x] = layer_weight(l)[x, i]."""
@@ -58,23 +129,22 @@ class TokenTables(nn.Module):
         start = self.slot(layer) * rows
         return self.weight[start : start + rows].view(self.vocab_size, self.tables_per_layer, -1)
 
-    def row_index(self, ids: Tensor) -> Tensor:
-        """Rows of `weight` for token ids (U,), all layers and tables: (n_layers * U * n,)."""
-        n = self.tables_per_layer
-        layer_start = torch.arange(len(self.layers), device=ids.device) * self.vocab_size
-        token_row = (layer_start[:, None] + ids[None, :]) * n  # (L, U)
-        return (token_row[:, :, None] + torch.arange(n, device=ids.device)).reshape(-1)
+    def rows(self, keys: RowKeys, device: torch.device | None = None) -> TokenRows:
+        """One gather for all layers; the rows live where the Parameter does."""
+        rows = F.embedding(self.row_index(keys.distinct_U), self.weight, sparse=self.sparse_grad)
+        return TokenRows(self.split_layers(rows, keys.count), keys.inverse_N)
 
-    def lookup(self, ids: Tensor) -> TokenRows:
-        """Gather the rows of every layer, in one gather, for token ids of any shape."""
-        flat_ids = ids.reshape(-1)
-        if self.dedup:
-            row_ids, inverse_N = torch.unique(flat_ids, return_inverse=True)
-        else:
-            row_ids = flat_ids
-            inverse_N = torch.arange(flat_ids.numel(), device=ids.device)
-        rows = F.embedding(self.row_index(row_ids), self.weight, sparse=self.sparse_grad)
-        # (L*U*n, d) -> L blocks of (U, n, d). unbind's backward is one stack, so the
-        # gradient of all layers is assembled in one pass, not one full copy per layer.
-        rows_LUnD = rows.view(len(self.layers), row_ids.numel(), self.tables_per_layer, -1)
-        return TokenRows(layers=rows_LUnD.unbind(0), inverse_N=inverse_N)
+
+DeviceTables = TokenTables  # the name by placement
+
+
+def make_store(cfg: ModelConfig, placement: str = "device") -> nn.Module:
+    """The table store of a model with tables, for a placement in PLACEMENTS."""
+    if placement == "device":
+        return TokenTables(cfg)
+    if placement == "host":
+        from jtok.tables.host import HostTables
+
+        return HostTables(cfg)
+    raise TableStoreError(f"table placement must be one of {list(PLACEMENTS)}, got "
+                          f"{placement!r}")  # fmt: skip

@@ -20,9 +20,10 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def lm_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
-    """(mean next-token cross-entropy, model output)."""
-    out = model(inputs)
+def lm_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+            token_rows=None):  # fmt: skip
+    """(mean next-token cross-entropy, model output); `token_rows`: rows fetched ahead."""
+    out = model(inputs) if token_rows is None else model(inputs, token_rows=token_rows)
     loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
     return loss, out
 

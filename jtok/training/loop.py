@@ -84,7 +84,16 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> float:
 
 
 def _weights_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    host = getattr(model.token_tables, "host_parameters", lambda: [])() if getattr(
+        model, "token_tables", None) is not None else []  # fmt: skip
+    return all(bool(torch.isfinite(p).all()) for p in [*model.parameters(), *host])
+
+
+def _keys_on(store, ids_BT: torch.Tensor, device: torch.device):
+    """The key of a batch computed from its ids on the host, positions moved to `device`."""
+    keys = store.key(ids_BT)
+    keys.inverse_N = keys.inverse_N.to(device, non_blocking=True)
+    return keys
 
 
 @contextlib.contextmanager
@@ -131,7 +140,8 @@ def train(run_cfg: RunConfig, run_dir: Path | str, *, resume: bool = False,
             try:
                 micro_rows = _micro_rows(run_cfg, env)
                 check_memory(run_cfg.model, env.device, training=True, what="jtok train",
-                             batch=micro_rows, seq_len=run_cfg.train.seq_len)  # fmt: skip
+                             batch=micro_rows, seq_len=run_cfg.train.seq_len,
+                             table_placement=run_cfg.train.table_placement)  # fmt: skip
                 plan = plan_start(run_dir, run_cfg, resume=resume, overwrite=overwrite,
                                   allow_changes=allow_changes)  # fmt: skip
             except BaseException:
@@ -151,6 +161,9 @@ def train(run_cfg: RunConfig, run_dir: Path | str, *, resume: bool = False,
 
 def _micro_rows(run_cfg: RunConfig, env: DistEnv) -> int:
     tcfg = run_cfg.train
+    if tcfg.table_placement == "host" and env.world_size > 1:
+        raise TrainingError("train.table_placement=host trains on one process; several "
+                            "processes need the sharded store (not yet available)")  # fmt: skip
     micro_rows = tcfg.batch_size // (env.world_size * tcfg.grad_accum)
     if micro_rows * env.world_size * tcfg.grad_accum != tcfg.batch_size:
         raise TrainingError(
@@ -163,8 +176,10 @@ def _micro_rows(run_cfg: RunConfig, env: DistEnv) -> int:
 def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) -> dict:
     run_cfg, run_dir = plan.config, plan.run_dir
     tcfg, mcfg = run_cfg.train, run_cfg.model
-    model = build_model(mcfg, seed=tcfg.seed, device=env.device).train()
+    model = build_model(mcfg, seed=tcfg.seed, device=env.device,
+                        table_placement=tcfg.table_placement).train()  # fmt: skip
     optimizers = Optimizers(model, tcfg)
+    host = model.token_tables if tcfg.table_placement == "host" and mcfg.tokmod.enabled else None
     metrics = MetricsLog(run_dir, enabled=env.is_main)
     monitor = DivergenceMonitor()
     start_step = 0
@@ -216,19 +231,35 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
             bar = tqdm(total=tcfg.steps, initial=start_step, desc="train", file=sys.stderr,
                        dynamic_ncols=True)  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
+    if host is not None:
+        params += host.host_parameters()  # clipped with the rest: one global norm
+    # Host tables: the next step's rows are gathered on a background thread (and copied on
+    # a side stream) while this step computes; after the optimizer step, the rows it
+    # changed are re-read (jtok.tables.host), so prefetching never changes a result.
+    prefetch = host is not None and tcfg.grad_accum == 1
+    fetched = None
     last_val: dict = {}
     window_start, window_tokens = time.perf_counter(), 0
     loss_value = float("nan")
+    next_batch = batches.batch(start_step, env.rank, env.world_size) if prefetch else None
     for step in range(start_step, tcfg.steps):
         optimizers.set_lr_factor(lr_factor(step, tcfg))
-        inputs, targets = batches.batch(step, env.rank, env.world_size)
+        if prefetch:
+            inputs, targets = next_batch
+            token_rows = host.consume(fetched) if fetched is not None else None
+            if step + 1 < tcfg.steps:
+                next_batch = batches.batch(step + 1, env.rank, env.world_size)
+                fetched = host.fetch(_keys_on(host, next_batch[0], env.device), env.device)
+        else:
+            inputs, targets = batches.batch(step, env.rank, env.world_size)
+            token_rows = None
         loss_sum = torch.zeros((), device=env.device)
         aux_terms: dict[str, float] = {}
         for micro in range(tcfg.grad_accum):
             rows = slice(micro * micro_rows, (micro + 1) * micro_rows)
             x, y = inputs[rows].to(env.device), targets[rows].to(env.device)
             with autocast_context(env.device, tcfg.precision):
-                loss, out = lm_loss(forward, x, y)
+                loss, out = lm_loss(forward, x, y, token_rows)
             ((loss + out.aux_loss) / tcfg.grad_accum).backward()
             loss_sum += loss.detach()
             for key, value in out.aux_terms.items():
@@ -238,11 +269,17 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
         if reason:
             raise stop(reason, step)
         average_gradients(model, env)
+        pulled = host.pull_gradients() if host is not None else None
         grad_norm = clip_grad_norm_(params, tcfg.grad_clip)
         reason = monitor.check_gradient(loss_value, grad_norm)
         if reason:
             raise stop(reason, step)
-        optimizers.step()
+        if host is not None:
+            with host.step_lock():  # no background gather reads a half-stepped row
+                optimizers.step()
+            host.after_step(pulled)
+        else:
+            optimizers.step()
         optimizers.zero_grad()
         if mcfg.moe.enabled and mcfg.moe.balance == "aux_free":
             for module in model.modules():  # every process must see the same load

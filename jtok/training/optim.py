@@ -43,8 +43,15 @@ def parameter_roles(model: torch.nn.Module) -> list[tuple[str, torch.nn.Paramete
         if isinstance(module, torch.nn.Linear):
             for param in module.parameters(recurse=False):
                 declared.setdefault(id(param), "matrix")
+    named = list(model.named_parameters())  # tied parameters appear once
+    # Host tables (jtok.tables.host) are Parameters the module does not register, so that
+    # .to() and wrappers leave them in host memory; they are tables, stepped by RowAdam.
+    for module_name, module in model.named_modules():
+        for param in getattr(module, "host_parameters", lambda: [])():
+            declared[id(param)] = "table"
+            named.append((f"{module_name}.weight", param))
     result = []
-    for name, param in model.named_parameters():  # tied parameters appear once
+    for name, param in named:
         if not param.requires_grad:
             continue
         role = declared.get(id(param))
@@ -59,8 +66,12 @@ def parameter_roles(model: torch.nn.Module) -> list[tuple[str, torch.nn.Paramete
 
 def sparse_table_params(model: torch.nn.Module) -> set[int]:
     """ids of table parameters trained with sparse gradients (by RowAdam)."""
-    return {id(p) for m in model.modules() if isinstance(m, TokenTables) and m.sparse_grad
-            for p in m.parameters(recurse=False)}  # fmt: skip
+    found = set()
+    for module in model.modules():
+        if isinstance(module, TokenTables) and module.sparse_grad:
+            found.update(id(p) for p in module.parameters(recurse=False))
+        found.update(id(p) for p in getattr(module, "host_parameters", lambda: [])())
+    return found
 
 
 def role_hyperparameters(train_cfg) -> dict[str, tuple[float, float]]:

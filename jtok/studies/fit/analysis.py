@@ -16,12 +16,19 @@ from typing import Any
 import numpy as np
 
 from jtok.io import write_json_atomic, write_text_atomic
+from jtok.studies.fit.bootstrap import BOOTSTRAP_METHODS
 from jtok.studies.fit.isoflops import isoflop_analysis, paper_frontier_check
 from jtok.studies.fit.parametric import parametric_analysis
 from jtok.studies.fit.plots import write_plots
 from jtok.studies.fit.report import format_report, paper_claims
-from jtok.studies.fit.results import LOSS_FIELDS, RESULTS_FILE, FitError, load_results
-from jtok.studies.fit.stats import eta_laws, paired_gains, paired_summary
+from jtok.studies.fit.results import (
+    LOSS_FIELDS,
+    PARAM_COUNTS,
+    RESULTS_FILE,
+    FitError,
+    load_results,
+)
+from jtok.studies.fit.stats import Z_DETECT, eta_laws, paired_gains, paired_summary, power_analysis
 
 FIT_JSON = "fit.json"
 REPORT_FILE = "REPORT_fit.md"
@@ -36,6 +43,29 @@ def _usable_runs(runs: list[dict], loss_field: str, notes: list[str]) -> list[di
         notes.append(f"left out {len(bad)} run(s) with a non-finite {loss_field}: "
                      + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))  # fmt: skip
     return [r for r in latest.values() if math.isfinite(r[loss_field])]
+
+
+def _sized_runs(runs: list[dict], params: str) -> list[dict]:
+    """The runs with N_c in the parameter count the fits use: as recorded ("all": input
+    embedding and head included) or without the embedding and head ("non-embedding")."""
+    if params == "all":
+        return runs
+    for run in runs:
+        if run["N_c_non_embedding"] is None:
+            raise FitError(f"--params non-embedding: run {run['name']} cannot be counted "
+                           f"without its embedding and head: {run['non_embedding_unknown']}")
+    return [dict(run, N_c=run["N_c_non_embedding"]) for run in runs]
+
+
+def _detectable_saving(power: dict, iso: dict | None, treatment: str) -> None:
+    """Add to `power` the compute saving the isoFLOP design resolves: 2.80 / 1.96 times the
+    half-width of the bootstrap's 95% interval of the saving (mid of the loss range), the
+    normal approximation of a 0.05-level test with power 0.8."""
+    ci = ((iso or {}).get("comparisons", {}).get(treatment, {}).get("compute_saving_ci")
+          or [None] * 3)[1]  # fmt: skip
+    if ci and all(v is not None and math.isfinite(v) for v in ci):
+        half = (ci[1] - ci[0]) / 2
+        power["saving"] = {"ci_half_width": half, "mde": Z_DETECT / 1.96 * half}
 
 
 def _jsonable(value: Any) -> Any:
@@ -81,28 +111,49 @@ def run_fit(directory: str | Path, *, baseline: str = "baseline", treatment: str
             bootstrap: int = 1000, seed: int = 0, plots: bool = True,
             loss_field: str = "final_val_loss", window: int | None = None,
             noise: float | None = None, out: str | Path | None = None,
-            variants: list[str] | None = None) -> dict:  # fmt: skip
+            variants: list[str] | None = None, params: str = "all",
+            required_variants: list[str] | None = None,
+            include_edge: bool = False, bootstrap_method: str = "case",
+            paired: bool = True) -> dict:  # fmt: skip
     """Every fit the sweep in `directory` supports; writes fit.json, REPORT_fit.md, PNGs
     there, or into `out` (a variant of the analysis kept beside the main one). `variants`
     restricts the fit to those variant labels: a grid that grows by a variant keeps its
-    earlier analysis, whose pooled residual spread would otherwise change."""
+    earlier analysis, whose pooled residual spread would otherwise change.
+
+    `params`: N_c with ("all") or without ("non-embedding") the input embedding and head.
+    `include_edge`: keep isoFLOP minima at the grid's edge in the frontiers. `noise`: one
+    run's loss sd, measured from seeds (without it, the spread of repeated seeds in the
+    results, if any): the bootstrap's noise floor and the power line's sigma.
+    `bootstrap_method`, `paired`: see `jtok.studies.fit.bootstrap`."""
     directory = Path(directory)
     _check_sweep_dir(directory)
     if loss_field not in LOSS_FIELDS:
         raise FitError(f"loss field must be one of {LOSS_FIELDS}, got {loss_field!r}")
     if bootstrap < 0:
         raise FitError(f"bootstrap resamples must be >= 0, got {bootstrap}")
+    if params not in PARAM_COUNTS:
+        raise FitError(f"parameter count must be one of {', '.join(PARAM_COUNTS)}, got {params!r}")
+    if bootstrap_method not in BOOTSTRAP_METHODS:
+        raise FitError(f"bootstrap method must be one of {', '.join(BOOTSTRAP_METHODS)}, "
+                       f"got {bootstrap_method!r}")  # fmt: skip
+    if noise is not None and not (math.isfinite(noise) and noise > 0):
+        raise FitError(f"the noise must be a positive number of nats, got {noise}")
     out_dir = directory if out is None else Path(out)
     _check_output_dir(out_dir, directory)
     notes: list[str] = []
     runs = _usable_runs(load_results(directory), loss_field, notes)
+    present = {run["variant"] for run in runs}
+    missing = [name for name in required_variants or [] if name not in present]
+    if missing:
+        raise FitError(f"variant {missing[0]!r}: no runs in {directory} "
+                       f"(variants: {', '.join(sorted(present))})")  # fmt: skip
     if variants is not None:
-        present = {run["variant"] for run in runs}
         unknown = [name for name in variants if name not in present]
         if unknown:
             raise FitError(f"--variants {','.join(unknown)}: no such variant in {directory} "
                            f"(variants: {', '.join(sorted(present))})")  # fmt: skip
         runs = [run for run in runs if run["variant"] in variants]
+    runs = _sized_runs(runs, params)
     counts: dict[str, int] = defaultdict(int)
     for run in runs:
         counts[run["variant"]] += 1
@@ -112,10 +163,15 @@ def run_fit(directory: str | Path, *, baseline: str = "baseline", treatment: str
     laws = eta_laws(runs, baseline, loss_field)
     if not laws:
         notes.append("eta law: no (variant, backbone, amount) with 3 or more eta > 0 values")
-    iso, iso_notes = isoflop_analysis(runs, baseline, loss_field, bootstrap, seed, window, noise)
+    pairs = paired_gains(runs, baseline, loss_field)
+    power = power_analysis(runs, pairs, laws, baseline, treatment, noise, loss_field)
+    iso, iso_notes = isoflop_analysis(
+        runs, baseline, loss_field, bootstrap, seed, window, power["sigma"],
+        include_edge=include_edge, method=bootstrap_method, paired=paired,
+        noise_source=power["sigma_source"] or "given")  # fmt: skip
+    _detectable_saving(power, iso, treatment)
     parametric, par_notes = parametric_analysis(runs, baseline, treatment, loss_field)
     notes += iso_notes + par_notes
-    pairs = paired_gains(runs, baseline, loss_field)
     if not (laws or iso or parametric):
         raise FitError(f"{directory}: too few runs for any fit ({len(runs)} usable): "
                        + "; ".join(notes))  # fmt: skip
@@ -124,7 +180,9 @@ def run_fit(directory: str | Path, *, baseline: str = "baseline", treatment: str
         "loss_field": loss_field,
         "baseline": baseline, "treatment": treatment, "runs": len(runs),
         "variants": dict(sorted(counts.items())), "variant_filter": variants,
-        "isoflop_window": window, "eta_law": laws,
+        "isoflop_window": window, "params": params, "include_edge_minima": include_edge,
+        "bootstrap_method": bootstrap_method, "paired": paired, "noise": noise,
+        "eta_law": laws, "power": power,
         "paired_gains": pairs, "paired_summary": paired_summary(pairs), "isoflops": iso,
         "parametric": parametric, "paper_check": paper_frontier_check(), "notes": notes,
     }  # fmt: skip

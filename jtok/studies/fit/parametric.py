@@ -131,7 +131,10 @@ def parametric_analysis(
                       f"{len(set(n_c))} sizes and {len(set(tokens))} token counts; "
                       "needs >= 6 runs, 3 sizes, 3 token counts"]  # fmt: skip
     loss = [r[loss_field] for r in chosen]
-    eta = np.array([r["eta"] for r in chosen])
+    # eta relative to the N_c fitted, so that N_eff = N_c + gamma N_n in either count (with
+    # `--params all` this is the recorded eta, N_n / N_c; without the embedding and head,
+    # gamma is what a token parameter is worth in non-embedding backbone parameters).
+    eta = np.array([r["N_n"] / r["N_c"] for r in chosen])
     plain = fit_parametric(n_c, tokens, loss)
     section: dict[str, Any] = {"runs": len(chosen), "variants": [baseline, treatment],
                                "delta": HUBER_DELTA, "plain": asdict(plain)}  # fmt: skip

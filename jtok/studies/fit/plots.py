@@ -57,18 +57,21 @@ def write_plots(result: dict, runs: list[dict], directory: Path) -> list[str]:
             c2, c1, c0 = m["coeffs"]
             ax.plot(10**x, c2 * x**2 + c1 * x + c0, style, color=colour,
                     label=f"{m['variant']} C={m['budget']:.2g}")  # fmt: skip
+            # hollow: a minimum at the grid's edge, left out of the frontier
             ax.plot(m["N_opt"], m["L_opt"], "*" if m["in_range"] else "X", color=colour, ms=12,
-                    mec="black")  # fmt: skip
+                    mec="black", mfc=colour if m.get("in_frontier", True) else "none")
         ax.set_xscale("log")
         ax.set(xlabel="N_c (active backbone parameters)", ylabel="validation loss",
-               title="isoFLOP profiles (star: minimum; X: best observed, vertex unusable)")
+               title="isoFLOP profiles (star: minimum; X: best observed, vertex unusable;\n"
+                     "hollow: at the grid's edge, not in the frontier)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         save(fig, "fit_isoflops.png")
         if iso["frontiers"]:
             fig, ax = plt.subplots(figsize=(6.5, 4.2))
             for i, (variant, f) in enumerate(iso["frontiers"].items()):
-                pts = [(m["compute"], m["L_opt"]) for m in iso["minima"] if m["variant"] == variant]
+                pts = [(m["compute"], m["L_opt"]) for m in iso["minima"]
+                       if m["variant"] == variant and m.get("in_frontier", True)]
                 cs, ls = zip(*pts, strict=True)
                 ax.plot(np.log10(cs), np.log2(ls), "o", color=f"C{i}")
                 x = np.linspace(min(np.log10(cs)), max(np.log10(cs)), 20)

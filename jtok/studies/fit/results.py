@@ -3,7 +3,11 @@
 The file is read through `jtok.io.read_jsonl`, the project's one JSON-lines policy (a torn
 last line, from a sweep that died while appending, is dropped with a warning; a bad line
 anywhere else is an error naming it). On top of that, every field the fits use is checked
-here, so a fit never meets a string where it expects a count.
+here, so a fit never meets a string where it expects a count. Each run also gets what the
+fits derive from its record: `seed` (what pairs runs of two variants), and `N_c_all` (N_c as
+recorded, input embedding and head included) next to `N_c_non_embedding` (without them,
+counted from the run's config; None where the config cannot be counted, with the reason in
+`non_embedding_unknown`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any
 
 from jtok.errors import JTokError
 from jtok.io import FileFormatError, read_jsonl
+
+PARAM_COUNTS = ("all", "non-embedding")
 
 RESULTS_FILE = "results.jsonl"
 LOSS_FIELDS = ("final_val_loss", "best_val_loss")
@@ -77,6 +83,32 @@ def _line_of_record(file: Path, index: int) -> int:
     return numbers[index] if index < len(numbers) else index + 1
 
 
+def embedding_and_head(config: dict) -> tuple[int | None, str]:
+    """Parameters of the input embedding and the output head (once if tied) of a run, counted
+    by `jtok.flops.count_params` from the run's recorded config; (None, why) where the config
+    holds no model section it can count (runs written by hand, or by an older jtok)."""
+    from jtok.config import ModelConfig
+    from jtok.flops import count_params
+
+    model = config.get("model")
+    if not isinstance(model, dict):
+        return None, "its config has no model section"
+    try:
+        counts = count_params(ModelConfig.from_dict(model))
+    except (JTokError, ValueError, TypeError) as err:
+        return None, f"its model config cannot be counted ({err})"
+    return counts.embedding + counts.head, ""
+
+
+def _run_seed(record: dict) -> Any:
+    """The seed of a run (its config's train.seed, else a "seed" label, else None): runs of
+    two variants at one (budget, backbone, seed) saw the same batches, so their noise pairs."""
+    train = record.get("config", {}).get("train")
+    if isinstance(train, dict) and isinstance(train.get("seed"), int):
+        return train["seed"]
+    return record.get("labels", {}).get("seed")
+
+
 def _validated_run(record: dict) -> dict:
     """The run's fields the fits use, normalised; raises ValueError saying what is wrong."""
     run = {}
@@ -91,6 +123,16 @@ def _validated_run(record: dict) -> dict:
     if not isinstance(labels, dict):
         raise ValueError("field 'labels' must be an object")
     run["labels"] = {str(k): str(v) for k, v in labels.items()}
+    run["seed"] = _run_seed(run)
+    # N_c as recorded counts the input embedding and head; at small widths they are most of
+    # it, so the fit can also use N_c without them (`jtok fit --params non-embedding`).
+    embedding, why = embedding_and_head(run["config"])
+    if embedding is not None and run["N_c"] <= embedding:
+        embedding, why = None, (f"its N_c {run['N_c']} is not above the embedding and head "
+                                f"its config gives ({embedding})")  # fmt: skip
+    run["N_c_all"] = run["N_c"]
+    run["N_c_non_embedding"] = None if embedding is None else run["N_c"] - embedding
+    run["non_embedding_unknown"] = why  # "" where counted
     return run
 
 

@@ -166,3 +166,106 @@ def paired_summary(pairs: list[dict]) -> dict[str, dict]:
         summary[variant] = {"pairs": n, "wins": wins, "mean_gain": mean, "sd": sd,
                             "mean_gain_ci": t_interval(gains), "sign_test_p": sign_p}  # fmt: skip
     return summary
+
+
+# ---- seed spread and power -----------------------------------------------------------------
+
+# Two-sided alpha 0.05, power 0.8: a true effect of (z_0.975 + z_0.8) standard errors is
+# detected 80% of the time; 1.960 + 0.842 = 2.80.
+ALPHA, POWER = 0.05, 0.8
+Z_DETECT = 2.8016
+
+
+def headline_pairs(pairs: list[dict], laws: list[dict], treatment: str) -> list[dict]:
+    """The treatment's paired gains at one setting per (backbone, amount): the pairs of an eta
+    sweep, which vary eta on purpose, are left out (the paper's "flat across sizes" is at
+    one setting per size)."""
+    swept = {(f["backbone"], f["amount"]) for f in laws if f["variant"] == treatment}
+    return [p for p in pairs
+            if p["variant"] == treatment and (p["backbone"], p["amount"]) not in swept]
+
+
+def _pooled_sd(groups: list[list[float]]) -> tuple[float | None, int]:
+    """Within-group sd pooled over groups of 2 or more values, and its degrees of freedom."""
+    ss = sum(float(((np.asarray(g) - np.mean(g)) ** 2).sum()) for g in groups if len(g) > 1)
+    dof = sum(len(g) - 1 for g in groups if len(g) > 1)
+    return (math.sqrt(ss / dof) if dof else None), dof
+
+
+def seed_spread(runs: list[dict], baseline: str, treatment: str,
+                loss_field: str = "final_val_loss") -> dict:  # fmt: skip
+    """What repeated seeds in the results measure: the sd of one run's loss (runs that
+    differ only in their seed, pooled over settings) and the sd of a same-seed difference
+    treatment - baseline (in nats and as a relative gain 1 - L_t / L_b). None where no
+    setting has two seeds."""
+    repeats: dict[tuple, list[float]] = defaultdict(list)
+    base_by: dict[tuple, dict] = defaultdict(dict)  # (backbone, amount) -> {seed: loss}
+    treat_by: dict[tuple, dict] = defaultdict(dict)  # (backbone, amount, eta) -> {seed: loss}
+    for run in runs:
+        other = tuple(sorted((k, v) for k, v in run.get("labels", {}).items() if k != "seed"))
+        where = (run["backbone"], _amount_key(run))
+        repeats[(run["variant"], run["eta"], other, *where)].append(run[loss_field])
+        if run["variant"] == baseline:
+            base_by[where][run.get("seed")] = run[loss_field]
+        elif run["variant"] == treatment:
+            treat_by[(*where, run["eta"])][run.get("seed")] = run[loss_field]
+    sigma, dof = _pooled_sd(list(repeats.values()))
+    diffs, gains = [], []
+    for (*where, _), treat in treat_by.items():
+        base = base_by.get(tuple(where), {})
+        shared = [s for s in treat if s in base]
+        diffs.append([treat[s] - base[s] for s in shared])
+        gains.append([1 - treat[s] / base[s] for s in shared])
+    diff_sd, diff_dof = _pooled_sd(diffs)
+    return {"sigma": sigma, "dof": dof, "diff_sd": diff_sd, "diff_dof": diff_dof,
+            "gain_sd": _pooled_sd(gains)[0]}  # fmt: skip
+
+
+def power_analysis(runs: list[dict], pairs: list[dict], laws: list[dict], baseline: str,
+                   treatment: str, noise: float | None, loss_field: str = "final_val_loss",
+                   ) -> dict:  # fmt: skip
+    """The smallest effects the design detects (two-sided alpha 0.05, power 0.8) given one
+    run's loss sd: `noise` (a measured seed spread) or, without it, the spread of repeated
+    seeds in the results.
+
+    - Mean gain of the treatment over the baseline at matched settings: 2.80 sd_diff /
+      sqrt(n), n the (setting, seed) pairs. sd_diff is the measured sd of a same-seed
+      difference where the results repeat seeds; otherwise sqrt(2) sigma, the sd of the
+      difference of two independent runs, an upper bound where pairs share their data order
+      (results/seed-noise: 0.040 nats against sqrt(2) x 0.050 = 0.071). In relative terms it
+      is divided by the matched baseline runs' mean loss. This is the noise floor only: the
+      t interval of the mean gain also holds the real spread of gains across sizes.
+    - Slope of each eta law: SE = sigma / sqrt(sum (log2 eta - mean)^2), detectable
+      |slope| 2.80 SE: what its eta values allow, whatever the residuals of the fit."""
+    spread = seed_spread(runs, baseline, treatment, loss_field)
+    measured = spread["sigma"] if spread["sigma"] else None  # 0: repeats identical, no spread
+    sigma = noise if noise is not None else measured
+    source = ("--noise" if noise is not None else
+              f"spread of repeated seeds ({spread['dof']} dof)" if sigma is not None else None)
+    out: dict = {"alpha": ALPHA, "power": POWER, "z": Z_DETECT, "sigma": sigma,
+                 "sigma_source": source, "seed_spread": spread, "pairs": None, "eta_laws": []}
+    if sigma is None:
+        return out
+    matched = headline_pairs(pairs, laws, treatment)
+    seeds: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    for run in runs:
+        seeds[(run["backbone"], amount_label(run))][run["variant"]].add(run.get("seed"))
+    n_pairs = sum(max(1, len(seeds[(p["backbone"], p["amount"])][baseline]
+                             & seeds[(p["backbone"], p["amount"])][treatment]))
+                  for p in matched)  # fmt: skip
+    if n_pairs:
+        diff_measured = bool(spread["diff_sd"])
+        sd_diff = spread["diff_sd"] if diff_measured else math.sqrt(2) * sigma
+        base_loss = float(np.mean([p["baseline_loss"] for p in matched]))
+        out["pairs"] = {"variant": treatment, "n": n_pairs, "sd_diff": sd_diff,
+                        "sd_diff_source": "measured same-seed differences" if diff_measured
+                        else "sqrt(2) x sigma (independent runs)", "baseline_loss": base_loss,
+                        "mde": Z_DETECT * sd_diff / math.sqrt(n_pairs),
+                        "mde_gain": Z_DETECT * sd_diff / math.sqrt(n_pairs) / base_loss}
+    for law in laws:
+        spread_x = np.log2(law["etas"]) - np.mean(np.log2(law["etas"]))
+        se = sigma / math.sqrt(float(spread_x @ spread_x))
+        out["eta_laws"].append({"variant": law["variant"], "backbone": law["backbone"],
+                                "amount": law["amount"], "n": law["n"], "slope_se": se,
+                                "mde_slope": Z_DETECT * se})  # fmt: skip
+    return out
