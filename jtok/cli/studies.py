@@ -11,14 +11,14 @@ from jtok.cli.common import UsageError
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from jtok.studies.demo import format_table, run_demo
+    from jtok.studies.demo import CURVES_FILE, SUMMARY_FILE, format_table, run_demo
 
     if args.steps <= 0:
         raise UsageError("--steps must be positive")
     summary = run_demo(args.out, steps=args.steps,
                        progress=not args.no_progress and sys.stderr.isatty())
     print(format_table(summary))
-    print(f"\nwrote {args.out / 'summary.json'} and {args.out / 'loss_curves.png'}")
+    print(f"\nwrote {args.out / SUMMARY_FILE} and {args.out / CURVES_FILE}")
     return 0
 
 
@@ -26,6 +26,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from jtok.run.files import RESULTS_FILE
     from jtok.studies.sweep import describe, finished_runs, parse_shard, run_sweep
 
     runs = run_sweep(args.spec, args.out, shard=parse_shard(args.shard), dry_run=args.dry_run,
@@ -36,7 +37,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     else:
         finished = finished_runs(args.out)
         n_done = sum(run.name in finished for run in runs)
-        where = args.out / "results.jsonl"
+        where = args.out / RESULTS_FILE
         if n_done == len(runs):
             print(f"{len(runs)} runs done; results in {where}")
         else:  # the rest were claimed by other processes sharing the sweep

@@ -46,6 +46,7 @@ DOCS_EN_PATTERNS = (  # relative to the unpacked packages' root
     "usr/share/doc/python3.11/html/_sources/**/*.txt",
 )
 VAL_MODULUS = 50  # one file in 50 (by path hash) is held out
+CORPUS_MANIFEST = "manifest.json"  # written last: its presence means the corpus is complete
 
 
 def split_of(relative_path: str) -> str:
@@ -106,7 +107,7 @@ def write_corpus(root: str | os.PathLike, target: str | os.PathLike,
                 "patterns": list(DOCS_EN_PATTERNS),
                 "val_rule": f"int(sha1(relative path), 16) % {VAL_MODULUS} == 0",
                 "splits": splits}  # fmt: skip
-    write_json_atomic(target / "manifest.json", manifest)
+    write_json_atomic(target / CORPUS_MANIFEST, manifest)
     return manifest
 
 
@@ -156,7 +157,7 @@ def build_docs_en(out: str | os.PathLike, log: Callable[[str], Any] = print, *,
     """
     out = Path(out)
     target = out / DOCS_EN
-    if (target / "manifest.json").is_file():
+    if (target / CORPUS_MANIFEST).is_file():
         log(f"{DOCS_EN} is already built in {target}; nothing to do")
         return None
     if out.exists() and not out.is_dir():

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jtok.data.format import TOKENIZER_FILE  # the data directory's name for it, kept
+
 CONFIG_FILE = "config.json"
 RUN_INFO_FILE = "run.json"
-TOKENIZER_FILE = "tokenizer.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".jtok.lock"
@@ -25,6 +26,14 @@ TENSORBOARD_DIR = "tensorboard"
 # What `--overwrite` replaces (never the lock file: another process may be waiting on it).
 RUN_OUTPUTS = (CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE, RUN_INFO_FILE, TENSORBOARD_DIR,
                TOKENIZER_FILE)  # fmt: skip
+
+
+# A study directory (jtok sweep OUT, read by jtok fit):
+#   OUT/results.jsonl   one line per finished run;  OUT/spec.json   the spec that last ran
+#   OUT/runs/<name>/    one run directory per run
+RESULTS_FILE = "results.jsonl"
+SPEC_COPY_FILE = "spec.json"
+STUDY_RUNS_DIR = "runs"
 
 
 def run_file(run_dir: Path | str, name: str) -> Path:

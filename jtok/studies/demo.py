@@ -38,6 +38,8 @@ VARIANTS = {
     "jtokm": TokModConfig(kind="jtokm", n_e=5, top_k=2),
 }
 DATA_VOCAB = 4096
+SUMMARY_FILE = "summary.json"
+CURVES_FILE = "loss_curves.png"
 
 
 def demo_backbone(vocab_size: int) -> ModelConfig:
@@ -56,7 +58,7 @@ def demo_train_config(data_dir: Path, steps: int) -> TrainConfig:
 def ensure_data(out: Path, log, progress: bool) -> Path:
     """The default corpus, prepared once into OUT/data (reused by later demos)."""
     data_dir = out / "data"
-    if (data_dir / "manifest.json").is_file():
+    if (data_dir / data.MANIFEST_FILE).is_file():
         return data_dir
     data.prepare([], data_dir, vocab_size=DATA_VOCAB, val_fraction=0.03, overwrite=True,
                  progress=progress, log=log)  # fmt: skip
@@ -91,9 +93,9 @@ def run_demo(out: Path, steps: int = 600, variants: list[str] | None = None,
             train(run_cfg, run_dir, resume=resume, overwrite=not resume, progress=progress,
                   log=log)  # fmt: skip
         summary[name] = variant_summary(model_cfg, run_cfg.train, read_metrics(run_dir))
-    write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / SUMMARY_FILE, summary)
     plot_loss_curves({name: read_metrics(out / "runs" / name) for name in summary},
-                     out / "loss_curves.png")  # fmt: skip
+                     out / CURVES_FILE)  # fmt: skip
     return summary
 
 

@@ -62,6 +62,7 @@ from jtok.parallel.distributed import resolve_device
 from jtok.parallel.resources import check_memory
 from jtok.presets import preset
 from jtok.run.checkpoint import latest_checkpoint
+from jtok.run.files import RESULTS_FILE, SPEC_COPY_FILE
 from jtok.run.lock import try_lock, unlock
 from jtok.run.rundir import (
     check_out_dir,
@@ -72,7 +73,6 @@ from jtok.run.rundir import (
 )
 from jtok.training.loop import train
 
-RESULTS_FILE = "results.jsonl"
 SPEC_KEYS = {"name", "base", "axes", "budget", "warmup_fraction", "evals_per_run", "exclude"}
 
 
@@ -428,7 +428,7 @@ def run_sweep(
     except OSError as err:
         raise SweepError(f"cannot create --out {out}: {err.strerror or err}") from None
     # The copy follows the spec that last ran here: a grid may grow between sessions.
-    write_json_atomic(out / "spec.json", spec)
+    write_json_atomic(out / SPEC_COPY_FILE, spec)
     done = finished_runs(out)
     for run in mine:  # check the whole share first: fail before any run starts
         _check_recorded(run, out, done)

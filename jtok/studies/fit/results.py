@@ -17,10 +17,10 @@ from typing import Any
 
 from jtok.errors import JTokError
 from jtok.io import FileFormatError, read_jsonl
+from jtok.run.files import RESULTS_FILE
 
 PARAM_COUNTS = ("all", "non-embedding")
 
-RESULTS_FILE = "results.jsonl"
 LOSS_FIELDS = ("final_val_loss", "best_val_loss")
 
 # Field -> kind. "num?" also takes null; a loss may be NaN (a diverged run, dropped later).
