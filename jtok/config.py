@@ -263,6 +263,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 TABLE_PLACEMENTS = ("device", "host")
+PARALLEL_MODES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -317,6 +318,10 @@ class TrainConfig(_ConfigBase):
     # model's device) or "host" (host memory; only a batch's rows reach the accelerator).
     # A run-time choice: checkpoints are the same either way, and a resume may change it.
     table_placement: str = "device"
+    # Backbone data parallelism under torchrun (jtok.parallel.wrap): "ddp" replicates the
+    # model, "fsdp" shards parameters, gradients and optimizer state (FSDP2). A run-time
+    # choice; one process ignores it.
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -335,6 +340,7 @@ class TrainConfig(_ConfigBase):
         _require_choice(self.device, prefix + "device", DEVICES)
         _require_choice(self.precision, prefix + "precision", PRECISIONS)
         _require_choice(self.table_placement, prefix + "table_placement", TABLE_PLACEMENTS)
+        _require_choice(self.parallel, prefix + "parallel", PARALLEL_MODES)
         for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip",
                      "table_weight_decay", "adam_eps"):  # fmt: skip
             _require(getattr(self, name) >= 0, prefix + name, "must be >= 0")

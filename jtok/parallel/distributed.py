@@ -1,13 +1,12 @@
-"""Data parallelism across processes launched by torchrun (gloo on CPU, nccl on GPU).
+"""Processes launched by torchrun (gloo on CPU, nccl on GPU): the process group, the
+device of each process, small collectives, and the averaging of sparse table gradients.
 
-Each process computes the gradient of its share of the global batch; `average_gradients`
-then averages them over processes, after backward and before clipping and the optimizer
-step. Dense gradients travel as one flat all-reduce. Sparse table gradients (rows of the
-distinct tokens each process saw, a different set per process) are all-gathered and
-summed row-wise, which no all-reduce can do. Averaging after backward instead of hooking
-into it (as torch's DistributedDataParallel does) gives up overlapping communication
-with backward, and in exchange handles sparse gradients, MoE experts that received no
-token on some process, and gradient accumulation without special cases.
+The backbone's dense gradients are averaged by torch's own engine (DDP or FSDP2, see
+jtok.parallel.wrap), overlapped with backward. The replicated tables' sparse gradients
+(the rows of the distinct tokens each process saw, a different set on each) are not a
+case either engine handles: `average_table_gradients` all-gathers them and sums them
+row-wise, which no all-reduce can do. (The sharded store of embedding parallelism, which
+exchanges rows with their owners instead, replaces this for large tables.)
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this call made the process group, so shutdown ends it
 
     @property
     def is_main(self) -> bool:
@@ -62,13 +62,17 @@ def init_distributed(device_preference: str = "auto") -> DistEnv:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:  # a caller that trains several runs in one launch makes the group once
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                   owns_group=owns)  # fmt: skip
 
 
 def shutdown(env: DistEnv) -> None:
-    if env.enabled and dist.is_initialized():
+    # Only the group this process made for one run: destroying and making process groups
+    # again and again in one launch can hang in gloo's rendezvous.
+    if env.enabled and env.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -103,33 +107,20 @@ def _all_gather_rows(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts, strict=True)])
 
 
-def average_gradients(model: torch.nn.Module, env: DistEnv) -> None:
-    """Replace every gradient by its mean over processes (dense and sparse alike).
+def average_table_gradients(params: list[torch.nn.Parameter], env: DistEnv) -> None:
+    """Replace each replicated table's sparse gradient by its mean over processes.
 
-    A parameter without a gradient on some process (an MoE expert no local token
-    chose) takes part with zeros, so every process runs the same collectives.
-    """
+    Every process calls it with the same parameters (a table no local token touched takes
+    part with an empty gradient), so every process runs the same collectives."""
     if not env.enabled:
         return
-    dense, sparse = [], []
-    for param in model.parameters():
-        if param.grad is not None and param.grad.is_sparse:
-            sparse.append(param)
-        elif param.grad is not None or param.requires_grad:
-            dense.append(param)
-    for param in dense:
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-    if dense:
-        flat = torch.cat([p.grad.reshape(-1) for p in dense])
-        all_reduce_mean_(flat, env)
-        offset = 0
-        for p in dense:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-            offset += n
-    for param in sparse:
-        grad = param.grad.coalesce()
+    for param in params:
+        grad = param.grad
+        if grad is None:
+            no_rows = torch.empty(1, 0, dtype=torch.long, device=param.device)
+            grad = torch.sparse_coo_tensor(no_rows, param.new_empty(0, *param.shape[1:]),
+                                           param.shape)  # fmt: skip
+        grad = grad.coalesce()
         indices = _all_gather_rows(grad.indices().T.contiguous(), env).T
         values = _all_gather_rows(grad.values(), env) / env.world_size
         param.grad = torch.sparse_coo_tensor(indices, values, grad.shape).coalesce()

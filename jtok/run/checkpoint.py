@@ -102,7 +102,7 @@ def last_healthy_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def _persistent_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def persistent_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
         state.pop("head.weight", None)
@@ -111,7 +111,7 @@ def _persistent_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's persistent state, each tensor once (a tied head is stored as the embedding)."""
-    return {k: v.detach().contiguous().cpu() for k, v in _persistent_state(model).items()}
+    return {k: v.detach().contiguous().cpu() for k, v in persistent_state(model).items()}
 
 
 def _split_optimizer_state(states: list[dict]) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -165,8 +165,12 @@ def restore_rng_state(state: dict[str, str]) -> None:
 def save_checkpoint(
     run_dir: Path, step: int, model: torch.nn.Module, optimizers=None,
     meta: dict[str, Any] | None = None, keep: int | None = None,
+    tensors: dict[str, torch.Tensor] | None = None, optimizer_states: list | None = None,
 ) -> Path:  # fmt: skip
-    """Write checkpoint `step` atomically; then prune to the newest `keep` checkpoints."""
+    """Write checkpoint `step` atomically; then prune to the newest `keep` checkpoints.
+
+    `tensors` / `optimizer_states` replace the model's and the optimizers' own state when
+    given (full tensors gathered from FSDP2 shards: jtok.parallel.wrap.full_state)."""
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
@@ -174,7 +178,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_checkpoint_files(tmp, step, model, optimizers, meta)
+        _write_checkpoint_files(tmp, step, model, optimizers, meta, tensors, optimizer_states)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written folder left behind
         raise
@@ -197,13 +201,16 @@ def save_checkpoint(
 
 
 def _write_checkpoint_files(folder: Path, step: int, model: torch.nn.Module, optimizers,
-                            meta: dict[str, Any] | None) -> None:  # fmt: skip
+                            meta: dict[str, Any] | None, model_state=None,
+                            optimizer_states=None) -> None:  # fmt: skip
     config_json = json.dumps(model.cfg.to_dict()) if hasattr(model, "cfg") else "{}"
-    save_file(model_tensors(model), folder / "model.safetensors", metadata={"config": config_json})
+    weights = model_tensors(model) if model_state is None else model_state
+    save_file(weights, folder / MODEL_FILE, metadata={"config": config_json})
     state = {"format_version": FORMAT_VERSION, "step": step, "rng": rng_state(), **(meta or {})}
     if optimizers is not None:
-        tensors, rest = _split_optimizer_state(optimizers.state_dict())
-        save_file(tensors, folder / "optimizer.safetensors")
+        states = optimizers.state_dict() if optimizer_states is None else optimizer_states
+        tensors, rest = _split_optimizer_state(states)
+        save_file(tensors, folder / OPTIMIZER_FILE)
         state["optimizer"] = rest
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     for name in os.listdir(folder):
@@ -255,7 +262,7 @@ def validate_checkpoint(ckpt_dir: Path, model: torch.nn.Module, with_optimizer: 
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)
     shapes = _tensor_shapes(ckpt_dir / MODEL_FILE, "checkpoint weights")
-    expected = {k: tuple(v.shape) for k, v in _persistent_state(model).items()}
+    expected = {k: tuple(v.shape) for k, v in persistent_state(model).items()}
     _check_fit(ckpt_dir, expected, shapes)
     if with_optimizer:
         if "optimizer" not in state:
@@ -286,7 +293,7 @@ def load_model_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
         tensors = load_file(path, device="cpu")
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"cannot read weights {path}: {str(err).splitlines()[0]}") from None
-    expected = {k: tuple(v.shape) for k, v in _persistent_state(model).items()}
+    expected = {k: tuple(v.shape) for k, v in persistent_state(model).items()}
     _check_fit(ckpt_dir, expected, {k: tuple(v.shape) for k, v in tensors.items()})
     model.load_state_dict(tensors, strict=False)  # strict=False: a tied head is not stored
 
@@ -296,13 +303,19 @@ def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizers=None) -> 
     state = read_state(ckpt_dir)
     load_model_weights(ckpt_dir, model)
     if optimizers is not None:
-        path = Path(ckpt_dir) / OPTIMIZER_FILE
-        if "optimizer" not in state or not path.is_file():
-            raise CheckpointError(f"checkpoint {ckpt_dir} has no optimizer state")
-        try:  # on the host: Optimizer.load_state_dict moves each state to its parameter
-            tensors = load_file(path, device="cpu")
-            optimizers.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
-        except (OSError, SafetensorError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"optimizer state {path} does not load: "
-                                  f"{str(err).splitlines()[0]}") from None  # fmt: skip
+        load_optimizer_state(ckpt_dir, state, optimizers)
     return state
+
+
+def load_optimizer_state(ckpt_dir: Path, state: dict, optimizers, prepare=None) -> None:
+    """Restore the optimizers' state; `prepare` maps the full states first (e.g. to FSDP2
+    shards: jtok.parallel.wrap.shard_optimizer_state)."""
+    path = Path(ckpt_dir) / OPTIMIZER_FILE
+    if "optimizer" not in state or not path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no optimizer state")
+    try:  # on the host: Optimizer.load_state_dict moves each state to its parameter
+        states = _join_optimizer_state(load_file(path, device="cpu"), state["optimizer"])
+        optimizers.load_state_dict(prepare(states) if prepare else states)
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"optimizer state {path} does not load: "
+                              f"{str(err).splitlines()[0]}") from None  # fmt: skip

@@ -5,7 +5,7 @@ the one asked for falls in one of three kinds:
 
 - Run-time settings (RUNTIME_KEYS: how often to log, validate and save, how many
   checkpoints to keep, how many validation tokens, the device, compile, the table
-  placement; the distributed-training issue adds parallelism) change how the run is
+  placement, DDP or FSDP2) change how the run is
   executed, not what it computes. They are applied and recorded.
 - ``train.steps``. The schedule is a function of the total, so a new total is applied
   only where it leaves the learning rate at the resume step unchanged: WSD in its stable
@@ -32,6 +32,7 @@ from jtok.schedule import lr_factor
 RUNTIME_KEYS = frozenset({
     "train.eval_every", "train.save_every", "train.log_every", "train.keep_checkpoints",
     "train.eval_tokens", "train.device", "train.compile", "train.table_placement",
+    "train.parallel",
 })  # fmt: skip
 
 

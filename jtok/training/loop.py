@@ -28,12 +28,19 @@ from jtok.parallel.distributed import (
     DistEnv,
     all_reduce_mean_,
     all_reduce_sum_,
-    average_gradients,
+    average_table_gradients,
     barrier,
     init_distributed,
 )
 from jtok.parallel.distributed import shutdown as shutdown_distributed
 from jtok.parallel.resources import check_memory
+from jtok.parallel.wrap import (
+    full_state,
+    parallelize,
+    shard_optimizer_state,
+    sync_gradients,
+    table_parameters,
+)
 from jtok.run import checkpoint as ckpt
 from jtok.run.files import CONFIG_FILE, LOCK_FILE, METRICS_FILE, TOKENIZER_FILE  # noqa: F401
 from jtok.run.lock import RunBusyError, try_lock, unlock
@@ -62,31 +69,49 @@ class TrainingError(JTokError):
 
 
 def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip the global L2 norm of dense and sparse gradients together; return the norm."""
-    squares = []
+    """Clip the global L2 norm of dense, sparse and sharded (FSDP2) gradients together;
+    return the norm. A sharded gradient's squares are summed over the processes holding
+    its shards (every process must call this, with the same parameters)."""
+    from torch.distributed.tensor import DTensor
+
+    squares, sharded = [], []
     for p in params:
         if p.grad is None:
             continue
-        if p.grad.is_sparse:
+        if isinstance(p.grad, DTensor):
+            sharded.append(p.grad.to_local().float().square().sum())
+        elif p.grad.is_sparse:
             p.grad = p.grad.coalesce()  # each row once, so the norm of the values is right
             squares.append(p.grad._values().float().square().sum())
         else:
             squares.append(p.grad.float().square().sum())
+    if sharded:
+        shard_sum = torch.stack(sharded).sum()
+        torch.distributed.all_reduce(shard_sum)
+        squares.append(shard_sum.to(squares[0].device) if squares else shard_sum)
     if not squares:
         return 0.0
-    total = torch.stack(squares).sum().sqrt()
+    total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for p in params:
             if p.grad is not None:
-                (p.grad._values() if p.grad.is_sparse else p.grad).mul_(scale.to(p.grad.dtype))
+                grad = p.grad
+                values = (grad.to_local() if isinstance(grad, DTensor)
+                          else grad._values() if grad.is_sparse else grad)  # fmt: skip
+                values.mul_(scale.to(values.device, values.dtype))
     return float(total)
 
 
-def _weights_finite(model: torch.nn.Module) -> bool:
+def _weights_finite(model: torch.nn.Module, env: DistEnv) -> bool:
+    """Whether every weight is finite, on every process (FSDP2 checks its shards)."""
+    from torch.distributed.tensor import DTensor
+
     host = getattr(model.token_tables, "host_parameters", lambda: [])() if getattr(
         model, "token_tables", None) is not None else []  # fmt: skip
-    return all(bool(torch.isfinite(p).all()) for p in [*model.parameters(), *host])
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in [*model.parameters(), *host]]
+    bad = torch.tensor([0.0 if all(bool(torch.isfinite(p).all()) for p in local) else 1.0])
+    return float(all_reduce_sum_(bad, env)) == 0.0
 
 
 def _keys_on(store, ids_BT: torch.Tensor, device: torch.device):
@@ -178,22 +203,30 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
     tcfg, mcfg = run_cfg.train, run_cfg.model
     model = build_model(mcfg, seed=tcfg.seed, device=env.device,
                         table_placement=tcfg.table_placement).train()  # fmt: skip
+    state = None
+    if plan.resume and plan.checkpoint is not None:
+        # Weights load before wrapping: FSDP2 then shards the loaded values.
+        state = ckpt.read_state(plan.checkpoint)
+        ckpt.load_model_weights(plan.checkpoint, model)
+    fsdp = env.enabled and tcfg.parallel == "fsdp"
+    wrapped = parallelize(model, env, tcfg.parallel, tcfg.precision)
     optimizers = Optimizers(model, tcfg)
+    tables = [param for _, param in table_parameters(model)]
     host = model.token_tables if tcfg.table_placement == "host" and mcfg.tokmod.enabled else None
     metrics = MetricsLog(run_dir, enabled=env.is_main)
     monitor = DivergenceMonitor()
     start_step = 0
-    if plan.resume:
-        if plan.checkpoint is None:
-            say(f"no checkpoint in {run_dir} yet: starting from step 0")
-        else:
-            state = ckpt.load_checkpoint(plan.checkpoint, model, optimizers)
-            optimizers.apply_config(tcfg)  # an allowed change (lr, ...) wins over the saved groups
-            ckpt.restore_rng_state(state["rng"])
-            monitor.load_state(state.get("divergence"))
-            start_step = state["step"]
-            say(f"resumed from {plan.checkpoint} (step {start_step})")
-    forward = torch.compile(model) if tcfg.compile else model
+    if plan.resume and state is None:
+        say(f"no checkpoint in {run_dir} yet: starting from step 0")
+    elif state is not None:
+        ckpt.load_optimizer_state(plan.checkpoint, state, optimizers, prepare=(
+            (lambda states: shard_optimizer_state(states, optimizers)) if fsdp else None))
+        optimizers.apply_config(tcfg)  # an allowed change (lr, ...) wins over the saved groups
+        ckpt.restore_rng_state(state["rng"])
+        monitor.load_state(state.get("divergence"))
+        start_step = state["step"]
+        say(f"resumed from {plan.checkpoint} (step {start_step})")
+    forward = torch.compile(wrapped) if tcfg.compile else wrapped
     data_dir = str(plan.data_dir)
     batches = data.TokenBatches(data_dir, "train", tcfg.seq_len, tcfg.batch_size, tcfg.seed)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
@@ -206,14 +239,21 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
                              f"checkpoint: {good or 'none'}. Try a lower train.lr.")  # fmt: skip
 
     def save(step: int) -> None:
-        if not _weights_finite(model):
+        if not _weights_finite(model, env):
             raise stop("the weights are no longer finite", step)
+        tensors = optimizer_states = None
+        if fsdp:  # every process joins the gathers; the main one writes
+            tensors = {k: v.detach().contiguous().cpu()
+                       for k, v in full_state(ckpt.persistent_state(model)).items()}
+            optimizer_states = full_state(optimizers.state_dict())
         if env.is_main:
             ckpt.save_checkpoint(run_dir, step, model, optimizers,
                                  meta={**meta, "tokens": step * tokens_per_step,
                                        "healthy": monitor.healthy(),
                                        "divergence": monitor.state()},
-                                 keep=tcfg.keep_checkpoints)  # fmt: skip
+                                 keep=tcfg.keep_checkpoints, tensors=tensors,
+                                 optimizer_states=optimizer_states)  # fmt: skip
+        barrier(env)  # no process runs ahead of a checkpoint being written
 
     def validate(step: int) -> dict:
         report = validation(model, run_cfg, env.device, max_tokens=tcfg.eval_tokens,
@@ -258,9 +298,11 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
         for micro in range(tcfg.grad_accum):
             rows = slice(micro * micro_rows, (micro + 1) * micro_rows)
             x, y = inputs[rows].to(env.device), targets[rows].to(env.device)
-            with autocast_context(env.device, tcfg.precision):
-                loss, out = lm_loss(forward, x, y, token_rows)
-            ((loss + out.aux_loss) / tcfg.grad_accum).backward()
+            last = micro == tcfg.grad_accum - 1
+            with sync_gradients(wrapped, tcfg.parallel, env.enabled, last):
+                with autocast_context(env.device, tcfg.precision):
+                    loss, out = lm_loss(forward, x, y, token_rows)
+                ((loss + out.aux_loss) / tcfg.grad_accum).backward()
             loss_sum += loss.detach()
             for key, value in out.aux_terms.items():
                 aux_terms[key] = aux_terms.get(key, 0.0) + float(value) / tcfg.grad_accum
@@ -268,7 +310,7 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
         reason = monitor.check_loss(loss_value)
         if reason:
             raise stop(reason, step)
-        average_gradients(model, env)
+        average_table_gradients(tables, env)  # the backbone's were reduced in backward
         pulled = host.pull_gradients() if host is not None else None
         grad_norm = clip_grad_norm_(params, tcfg.grad_clip)
         reason = monitor.check_gradient(loss_value, grad_norm)

@@ -1,0 +1,96 @@
+"""Data parallelism on torch's engine (DDP, FSDP2) under torchrun, gloo on CPU: a W-process
+run equals a single-process run of the same global batch, split into the same micro-batches
+(W processes x g micro-batches = one process x W*g micro-batches, so even the balance losses,
+which are per micro-batch, match). Dense and MoE backbones, JTok and JTok-M, in one launch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_run_config
+
+from jtok.presets import preset
+from jtok.run.rundir import load_run, read_metrics
+from jtok.training.loop import train
+
+CASES = [  # (name, preset, tokmod kind, parallel, grad_accum per process)
+    ("ddp-dense-jtokm", "tiny", "jtokm", "ddp", 1),
+    ("ddp-moe-jtok", "tiny-moe", "jtok", "ddp", 2),
+    ("fsdp-dense-jtokm", "tiny", "jtokm", "fsdp", 1),
+    ("fsdp-moe-jtokm", "tiny-moe", "jtokm", "fsdp", 2),
+]
+WORLD = 2
+
+
+def case_config(tiny_data, preset_name, kind, parallel, grad_accum):
+    cfg = tiny_run_config(tiny_data, steps=4, save_every=2, eval_every=4, batch_size=8,
+                          grad_accum=grad_accum, parallel=parallel)  # fmt: skip
+    model = preset(preset_name).with_overrides({"vocab_size": "320", "tokmod.kind": kind})
+    return type(cfg)(model=model, train=cfg.train)
+
+
+def losses(run):
+    return [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def parallel_runs(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    jobs = []
+    for name, preset_name, kind, parallel, accum in CASES:
+        cfg = case_config(tiny_data, preset_name, kind, parallel, accum)
+        jobs.append({"config": cfg.to_dict(), "out": str(root / name)})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = Path(__file__).with_name("dist_worker.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={WORLD}", str(worker), json.dumps(jobs)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return root
+
+
+@pytest.mark.parametrize("name,preset_name,kind,parallel,accum", CASES)
+def test_parallel_run_equals_one_process_with_the_same_micro_batches(
+        parallel_runs, tiny_data, tmp_path, name, preset_name, kind, parallel, accum):  # fmt: skip
+    cfg = case_config(tiny_data, preset_name, kind, parallel, accum * WORLD)
+    single = tmp_path / "single"
+    train(cfg, single, progress=False, log=lambda m: None)
+    a, b = losses(single), losses(parallel_runs / name)
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    for (_, x), (_, y) in zip(a, b, strict=True):
+        assert x == pytest.approx(y, rel=1e-5)
+    w1 = load_run(single)[1].state_dict()
+    w2 = load_run(parallel_runs / name)[1].state_dict()  # FSDP2: gathered full tensors
+    assert w1.keys() == w2.keys()
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name", ["ddp-moe-jtok", "fsdp-dense-jtokm"])
+def test_a_two_process_checkpoint_resumes_on_one_process(parallel_runs, tmp_path, name):
+    import shutil
+
+    from jtok.run import checkpoint as ckpt
+
+    run = tmp_path / name
+    shutil.copytree(parallel_runs / name, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000004")  # back to step 2 (of 4)
+    assert ckpt.latest_checkpoint(run).name == "step_00000002"
+    # The checkpoint (gathered from FSDP2 shards) is the single-process format; a change of
+    # world size needs no conversion. One process with twice the micro-batches continues it.
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"]["grad_accum"] *= WORLD
+    from jtok.config import RunConfig
+
+    train(RunConfig.from_dict(cfg), run, resume=True, allow_changes={"train.grad_accum"},
+          progress=False, log=lambda m: None)  # fmt: skip
+    resumed = dict(losses(run))
+    original = dict(losses(parallel_runs / name))
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(original[step], rel=1e-5)
