@@ -208,3 +208,35 @@ def table_memory(cfg: ModelConfig, training: bool = True) -> MemoryEstimate:
     rows = tables // cfg.d_model
     optimizer = 8 * tables + 8 * rows if training else 0
     return MemoryEstimate(params=4 * tables, grads=0, optimizer=optimizer, activations=0)
+
+
+def memory_plan(cfg: ModelConfig, training: bool = True, world_size: int = 1,
+                parallel: str = "ddp", table_placement: str = "device", batch: int = 0,
+                seq_len: int | None = None, activation_bytes: int = 4) -> dict[str, dict]:
+    """Bytes one process needs, item by item, on its device and in host memory.
+
+    `parallel` "fsdp" shards the backbone's parameters, gradients and optimizer state over
+    `world_size` processes (a block's parameters are gathered whole for its forward and
+    backward, on top: `fsdp unsharded block`); "ddp" replicates them. The tables are
+    replicated on every process's device ("device") or held in host memory ("host").
+    `batch` is the micro-batch one process runs. Lower bounds, as `estimate_memory`'s."""
+    backbone = estimate_memory(cfg, training, batch, seq_len, activation_bytes,
+                               include_tables=False)  # fmt: skip
+    tables = table_memory(cfg, training)
+    shards = world_size if parallel == "fsdp" and world_size > 1 else 1
+    device = {"backbone params": backbone.params // shards,
+              "backbone grads": backbone.grads // shards,
+              "backbone optimizer": backbone.optimizer // shards,
+              "activations": backbone.activations}  # fmt: skip
+    if shards > 1:
+        counts = count_params(cfg)
+        per_block = (counts.backbone - counts.embedding - counts.head) // max(1, cfg.n_layers)
+        device["fsdp unsharded block"] = 4 * per_block * (2 if training else 1)
+    host: dict[str, int] = {}
+    if tables.params:
+        where = device if table_placement == "device" else host
+        where["table rows"] = tables.params
+        if training:
+            where["table optimizer"] = tables.optimizer
+    return {"device": device, "host": host,
+            "device_total": sum(device.values()), "host_total": sum(host.values())}

@@ -5,6 +5,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from jtok.flops import count_flops, count_params, summarize
 from jtok.nn.model import build_model
+from jtok.presets import preset
 
 CASES = [
     ("tiny", {}),
@@ -146,3 +147,37 @@ def test_available_memory_reads_the_machine():
     cpu = available_memory("cpu")
     assert cpu is None or cpu > 2**20
     assert available_memory("meta") is None
+
+
+def test_memory_plan_shards_the_backbone_under_fsdp_and_moves_tables_to_the_host():
+    from jtok.flops import memory_plan, table_memory
+
+    cfg = preset("small").with_overrides({"tokmod.kind": "jtokm"})
+    ddp = memory_plan(cfg, world_size=8, parallel="ddp")
+    fsdp = memory_plan(cfg, world_size=8, parallel="fsdp")
+    for item in ("backbone params", "backbone grads", "backbone optimizer"):
+        assert fsdp["device"][item] == ddp["device"][item] // 8
+    assert fsdp["device"]["table rows"] == ddp["device"]["table rows"]  # replicated
+    assert "fsdp unsharded block" in fsdp["device"] and "fsdp unsharded block" not in ddp["device"]
+    host = memory_plan(cfg, world_size=8, parallel="fsdp", table_placement="host")
+    assert "table rows" not in host["device"]
+    assert host["host"]["table rows"] + host["host"]["table optimizer"] == table_memory(cfg).total
+    assert host["device_total"] == fsdp["device_total"] - table_memory(cfg).total
+
+
+def test_info_prints_the_per_process_plan_and_train_refuses_naming_the_largest_item(
+        capsys, monkeypatch):  # fmt: skip
+    import json
+
+    from jtok.cli import main
+    from jtok.parallel import resources
+
+    assert main(["info", "--preset", "moe-17b-a2b", "--world-size", "64", "--parallel",
+                 "fsdp", "--json"]) == 0  # fmt: skip
+    plan = json.loads(capsys.readouterr().out)["memory_plan"]
+    assert plan["world_size"] == 64 and plan["device"]["table rows"] > 10 * 2**30
+    monkeypatch.setattr(resources, "available_memory", lambda device: 64 * 2**30)
+    with pytest.raises(resources.ResourceError, match=r"largest: table optimizer.*jtok info "
+                       r"--world-size 64 --parallel fsdp"):  # fmt: skip
+        resources.check_memory(preset("moe-17b-a2b"), "cpu", training=True, what="jtok train",
+                               world_size=64, parallel="fsdp")  # fmt: skip

@@ -9,6 +9,7 @@ import json
 from jtok.cli.common import (
     UsageError,
     add_model_arguments,
+    nonnegative_int,
     parse_overrides,
     positive_int,
     resolve_model_config,
@@ -32,6 +33,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         raise UsageError(f"--seq-len must be positive, got {args.seq_len}")
     summary = summarize(cfg, args.seq_len)
     summary["memory"] = _serving_memory(cfg, args.table_placement)
+    if args.world_size > 1 or args.parallel == "fsdp" or args.batch:
+        from jtok.flops import memory_plan
+
+        summary["memory_plan"] = {
+            "world_size": args.world_size, "parallel": args.parallel,
+            "table_placement": args.table_placement, "batch_per_process": args.batch,
+            **memory_plan(cfg, True, args.world_size, args.parallel, args.table_placement,
+                          args.batch, args.seq_len),
+        }  # fmt: skip
     if args.json:
         print(json.dumps({"config": cfg.to_dict(), **summary}))
         return 0
@@ -63,9 +73,19 @@ def cmd_info(args: argparse.Namespace) -> int:
          f"accelerator {format_bytes(summary['memory']['accelerator_bytes'])}, host "
          f"{format_bytes(summary['memory']['host_bytes'])} (fp32)"),
     ]
+    plan = summary.get("memory_plan")
+    if plan:
+        rows.append((f"training, per process (W={plan['world_size']}, {plan['parallel']}, "
+                     f"tables on {plan['table_placement']}, batch {plan['batch_per_process']})",
+                     ""))  # fmt: skip
+        for side in ("device", "host"):
+            for item, size in plan[side].items():
+                rows.append((f"  {side}: {item}", format_bytes(size)))
+            if plan[side]:
+                rows.append((f"  {side} total", format_bytes(plan[f"{side}_total"])))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+        print(f"{key:<{width}}  {value}".rstrip())
     return 0
 
 
@@ -145,6 +165,12 @@ def register(sub) -> None:
     info.add_argument("--table-placement", choices=["device", "host"], default="device",
                       help="where the tables would live: the memory line splits the weights "
                       "between accelerator and host accordingly")
+    info.add_argument("--world-size", type=positive_int, default=1, metavar="N",
+                      help="processes under torchrun: adds the per-process training memory plan")
+    info.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                      help="backbone parallelism for the plan (fsdp shards the backbone)")
+    info.add_argument("--batch", type=nonnegative_int, default=0, metavar="B",
+                      help="sequences per process and micro-batch, to count activations")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(handler=cmd_info)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from jtok.config import ModelConfig
 from jtok.errors import JTokError
-from jtok.flops import MemoryEstimate, estimate_memory, table_memory
+from jtok.flops import MemoryEstimate, estimate_memory, memory_plan, table_memory
 
 
 class ResourceError(JTokError):
@@ -82,6 +82,7 @@ def format_bytes(n: float) -> str:
 def check_memory(
     cfg: ModelConfig | Sequence[ModelConfig], device, training: bool, what: str,
     batch: int = 0, seq_len: int | None = None, table_placement: str = "device",
+    world_size: int = 1, parallel: str = "ddp",
 ) -> MemoryEstimate:  # fmt: skip
     """Raise ResourceError if the model(s) cannot fit in `device`'s available memory.
 
@@ -96,6 +97,9 @@ def check_memory(
         (batch 0: parameters and optimizer state only).
     table_placement: "host" counts the tables (and their row-optimizer state) against
         host memory instead of an accelerator's.
+    world_size, parallel: one process's share under torchrun (FSDP2 shards the backbone;
+        jtok.flops.memory_plan). A refusal names the largest item and the `jtok info`
+        command that prints the whole plan.
 
     Returns the estimate. Does nothing (beyond estimating) when the available memory is
     unknown or JTOK_NO_MEMORY_CHECK=1. The message is one line, e.g. "jtok bench needs
@@ -104,6 +108,9 @@ def check_memory(
     cfgs = [cfg] if isinstance(cfg, ModelConfig) else list(cfg)
     kind = getattr(device, "type", str(device).split(":")[0])
     act_bytes = 2 if kind == "cuda" else 4  # bf16 autocast on CUDA
+    if len(cfgs) == 1 and (world_size > 1 or parallel == "fsdp"):
+        _check_plan(cfgs[0], device, kind, training, what, batch, seq_len, table_placement,
+                    world_size, parallel, act_bytes)  # fmt: skip
     split = table_placement == "host" and kind != "cpu"
     each = [estimate_memory(one, training, batch, seq_len, act_bytes,
                             include_tables=not split) for one in cfgs]  # fmt: skip
@@ -131,6 +138,26 @@ def check_memory(
             "(JTOK_NO_MEMORY_CHECK=1 skips this check)"
         )
     return need
+
+
+def _check_plan(cfg, device, kind, training, what, batch, seq_len, table_placement,
+                world_size, parallel, act_bytes) -> None:  # fmt: skip
+    if os.environ.get("JTOK_NO_MEMORY_CHECK", "") not in ("", "0"):
+        return
+    placement = "host" if table_placement == "host" and kind != "cpu" else "device"
+    plan = memory_plan(cfg, training, world_size, parallel, placement, batch, seq_len, act_bytes)
+    for side, total, where in (("device", plan["device_total"], device),
+                               ("host", plan["host_total"], "cpu")):  # fmt: skip
+        have = available_memory(where)
+        if have is None or total <= have:
+            continue
+        item, size = max(plan[side].items(), key=lambda kv: kv[1])
+        raise ResourceError(
+            f"{what} needs {format_bytes(total)} per process on {where} (largest: {item} "
+            f"{format_bytes(size)}), but {format_bytes(have)} is available; see the plan: "
+            f"jtok info --world-size {world_size} --parallel {parallel} "
+            f"--table-placement {table_placement} ..."
+        )
 
 
 # ---- output paths --------------------------------------------------------------------------

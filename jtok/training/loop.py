@@ -164,9 +164,11 @@ def train(run_cfg: RunConfig, run_dir: Path | str, *, resume: bool = False,
         with _run_directory_lock(run_dir, env):
             try:
                 micro_rows = _micro_rows(run_cfg, env)
+                tcfg = run_cfg.train
                 check_memory(run_cfg.model, env.device, training=True, what="jtok train",
-                             batch=micro_rows, seq_len=run_cfg.train.seq_len,
-                             table_placement=run_cfg.train.table_placement)  # fmt: skip
+                             batch=micro_rows, seq_len=tcfg.seq_len,
+                             table_placement=tcfg.table_placement,
+                             world_size=env.world_size, parallel=tcfg.parallel)  # fmt: skip
                 plan = plan_start(run_dir, run_cfg, resume=resume, overwrite=overwrite,
                                   allow_changes=allow_changes)  # fmt: skip
             except BaseException:
