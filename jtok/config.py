@@ -262,7 +262,7 @@ class ModelConfig(_ConfigBase):
 SCHEDULES = ("cosine", "wsd", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
-TABLE_PLACEMENTS = ("device", "host")
+TABLE_PLACEMENTS = ("device", "host", "sharded")
 PARALLEL_MODES = ("ddp", "fsdp")
 
 
@@ -315,7 +315,8 @@ class TrainConfig(_ConfigBase):
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
     # Where the token-indexed tables live (jtok.tables.store): "device" (a Parameter on the
-    # model's device) or "host" (host memory; only a batch's rows reach the accelerator).
+    # model's device), "host" (host memory; only a batch's rows reach the accelerator) or
+    # "sharded" (each of W processes holds 1/W of the rows: embedding parallelism).
     # A run-time choice: checkpoints are the same either way, and a resume may change it.
     table_placement: str = "device"
     # Backbone data parallelism under torchrun (jtok.parallel.wrap): "ddp" replicates the

@@ -3,11 +3,31 @@ turn (one launch for many configurations keeps the multi-process tests fast)."""
 
 import json
 import sys
+from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from jtok.config import RunConfig
 from jtok.training.loop import train
+
+
+def record_share(cfg, out):
+    """What this process held of a sharded table (rows, RowAdam state), after a short run."""
+    from jtok.nn.model import build_model
+    from jtok.training.optim import Optimizers
+
+    model = build_model(cfg.model, table_placement="sharded")
+    store = model.token_tables
+    optimizers = Optimizers(model, cfg.train)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 9))
+    model(ids).logits.sum().backward()
+    optimizers.step()
+    state = optimizers.optimizers[-1].state[store.weight]
+    share = {"n_rows": store.n_rows, "rows": store.weight.shape[0], "d": store.weight.shape[1],
+             "exp_avg": list(state["exp_avg"].shape), "row_step": list(state["row_step"].shape)}
+    Path(out, f"share_{dist.get_rank()}.json").write_text(json.dumps(share))
+
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")  # once: every run of the launch shares it
@@ -15,4 +35,6 @@ if __name__ == "__main__":
         cfg = RunConfig.from_dict(item["config"])
         train(cfg, item["out"], resume=item.get("resume", False), progress=False,
               log=lambda message: None)
+        if cfg.train.table_placement == "sharded":
+            record_share(cfg, item["out"])
     dist.destroy_process_group()

@@ -17,18 +17,21 @@ from jtok.presets import preset
 from jtok.run.rundir import load_run, read_metrics
 from jtok.training.loop import train
 
-CASES = [  # (name, preset, tokmod kind, parallel, grad_accum per process)
-    ("ddp-dense-jtokm", "tiny", "jtokm", "ddp", 1),
-    ("ddp-moe-jtok", "tiny-moe", "jtok", "ddp", 2),
-    ("fsdp-dense-jtokm", "tiny", "jtokm", "fsdp", 1),
-    ("fsdp-moe-jtokm", "tiny-moe", "jtokm", "fsdp", 2),
+CASES = [  # (name, preset, tokmod kind, parallel, grad_accum per process, table placement)
+    ("ddp-dense-jtokm", "tiny", "jtokm", "ddp", 1, "device"),
+    ("ddp-moe-jtok", "tiny-moe", "jtok", "ddp", 2, "device"),
+    ("fsdp-dense-jtokm", "tiny", "jtokm", "fsdp", 1, "device"),
+    ("fsdp-moe-jtokm", "tiny-moe", "jtokm", "fsdp", 2, "device"),
+    ("sharded-dense-jtokm", "tiny", "jtokm", "ddp", 1, "sharded"),
+    ("sharded-moe-jtok-fsdp", "tiny-moe", "jtok", "fsdp", 2, "sharded"),
 ]
 WORLD = 2
 
 
-def case_config(tiny_data, preset_name, kind, parallel, grad_accum):
+def case_config(tiny_data, preset_name, kind, parallel, grad_accum, placement="device"):
     cfg = tiny_run_config(tiny_data, steps=4, save_every=2, eval_every=4, batch_size=8,
-                          grad_accum=grad_accum, parallel=parallel)  # fmt: skip
+                          grad_accum=grad_accum, parallel=parallel,
+                          table_placement=placement)  # fmt: skip
     model = preset(preset_name).with_overrides({"vocab_size": "320", "tokmod.kind": kind})
     return type(cfg)(model=model, train=cfg.train)
 
@@ -41,8 +44,8 @@ def losses(run):
 def parallel_runs(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     jobs = []
-    for name, preset_name, kind, parallel, accum in CASES:
-        cfg = case_config(tiny_data, preset_name, kind, parallel, accum)
+    for name, preset_name, kind, parallel, accum, placement in CASES:
+        cfg = case_config(tiny_data, preset_name, kind, parallel, accum, placement)
         jobs.append({"config": cfg.to_dict(), "out": str(root / name)})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     worker = Path(__file__).with_name("dist_worker.py")
@@ -55,9 +58,11 @@ def parallel_runs(tiny_data, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name,preset_name,kind,parallel,accum", CASES)
+@pytest.mark.parametrize("name,preset_name,kind,parallel,accum,placement", CASES)
 def test_parallel_run_equals_one_process_with_the_same_micro_batches(
-        parallel_runs, tiny_data, tmp_path, name, preset_name, kind, parallel, accum):  # fmt: skip
+        parallel_runs, tiny_data, tmp_path, name, preset_name, kind, parallel, accum,
+        placement):  # fmt: skip
+    # The reference: one process, the device store, twice the micro-batches.
     cfg = case_config(tiny_data, preset_name, kind, parallel, accum * WORLD)
     single = tmp_path / "single"
     train(cfg, single, progress=False, log=lambda m: None)
@@ -72,7 +77,18 @@ def test_parallel_run_equals_one_process_with_the_same_micro_batches(
         torch.testing.assert_close(w1[key], w2[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("name", ["ddp-moe-jtok", "fsdp-dense-jtokm"])
+def test_each_process_holds_its_share_of_the_sharded_rows_and_their_state(parallel_runs):
+    shares = [json.loads((parallel_runs / "sharded-dense-jtokm" / f"share_{rank}.json")
+                         .read_text()) for rank in range(WORLD)]  # fmt: skip
+    rows = shares[0]["n_rows"]
+    assert sum(s["rows"] for s in shares) == rows
+    assert all(abs(s["rows"] - rows / WORLD) <= 1 for s in shares)
+    for share in shares:  # RowAdam's state is the block's, not the table's
+        assert share["exp_avg"] == [share["rows"], share["d"]]
+        assert share["row_step"] == [share["rows"]]
+
+
+@pytest.mark.parametrize("name", ["ddp-moe-jtok", "fsdp-dense-jtokm", "sharded-dense-jtokm"])
 def test_a_two_process_checkpoint_resumes_on_one_process(parallel_runs, tmp_path, name):
     import shutil
 

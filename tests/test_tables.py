@@ -55,7 +55,7 @@ def test_host_store_equals_device_store_bit_for_bit(name, kind):
         assert torch.equal(grad_d.indices(), grad_h.indices())
         assert torch.equal(grad_d.values(), grad_h.values())
         norm_d = clip_grad_norm_(list(device.parameters()), 1.0)
-        norm_h = clip_grad_norm_([*host.parameters(), *host.token_tables.host_parameters()], 1.0)
+        norm_h = clip_grad_norm_([*host.parameters(), *host.token_tables.store_parameters()], 1.0)
         assert norm_d == norm_h
         for opt in (opt_d, opt_h):
             opt.step()

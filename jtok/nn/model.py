@@ -169,9 +169,13 @@ class Attention(nn.Module):
             key_pos = torch.arange(start + T, device=x_BTD.device)
             query_pos = torch.arange(start, start + T, device=x_BTD.device)
             mask = key_pos[None, :] <= query_pos[:, None]
+        # A Python branch, not is_causal=(...): under torch.compile with symbolic lengths
+        # the expression is a SymBool, which SDPA's flag refuses.
+        causal = False
+        if mask is None and start == 0 and T > 1:
+            causal = True
         out_BHTDh = F.scaled_dot_product_attention(
-            q_BHTDh, k_BGTDh, v_BGTDh, attn_mask=mask,
-            is_causal=(mask is None and start == 0 and T > 1),
+            q_BHTDh, k_BGTDh, v_BGTDh, attn_mask=mask, is_causal=causal,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # fmt: skip
         return self.wo(out_BHTDh.transpose(1, 2).reshape(B, T, -1))
@@ -290,7 +294,10 @@ class JTokModel(nn.Module):
             table = self.token_tables.weight
             if table.device != gen.device:  # host tables beside an accelerator model
                 gen = torch.Generator(device=table.device).manual_seed(seed)
-            normal(table, tok.table_init_std)
+            if hasattr(self.token_tables, "init_rows"):  # sharded: this process's rows only
+                self.token_tables.init_rows(gen, tok.table_init_std)
+            else:
+                normal(table, tok.table_init_std)
         cos, sin = rope_tables(cfg, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

@@ -262,8 +262,7 @@ def validate_checkpoint(ckpt_dir: Path, model: torch.nn.Module, with_optimizer: 
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)
     shapes = _tensor_shapes(ckpt_dir / MODEL_FILE, "checkpoint weights")
-    expected = {k: tuple(v.shape) for k, v in persistent_state(model).items()}
-    _check_fit(ckpt_dir, expected, shapes)
+    _check_fit(ckpt_dir, expected_shapes(model), shapes)
     if with_optimizer:
         if "optimizer" not in state:
             raise CheckpointError(f"checkpoint {ckpt_dir} has no optimizer state")
@@ -293,9 +292,25 @@ def load_model_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
         tensors = load_file(path, device="cpu")
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"cannot read weights {path}: {str(err).splitlines()[0]}") from None
-    expected = {k: tuple(v.shape) for k, v in persistent_state(model).items()}
+    expected = expected_shapes(model)
     _check_fit(ckpt_dir, expected, {k: tuple(v.shape) for k, v in tensors.items()})
+    for key, store in _split_stores(model).items():  # sharded tables take their rows
+        store.load_full(tensors.pop(key))
     model.load_state_dict(tensors, strict=False)  # strict=False: a tied head is not stored
+
+
+def _split_stores(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Table stores whose matrix no process holds whole (jtok.tables.sharded), by key."""
+    return {f"{name}.weight": module for name, module in model.named_modules()
+            if hasattr(module, "load_full")}  # fmt: skip
+
+
+def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The checkpoint's tensor names and shapes for `model` (a sharded matrix whole)."""
+    shapes = {k: tuple(v.shape) for k, v in persistent_state(model).items()}
+    for key, store in _split_stores(model).items():
+        shapes[key] = (store.n_rows, store.d_model)
+    return shapes
 
 
 def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizers=None) -> dict[str, Any]:

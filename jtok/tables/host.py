@@ -8,7 +8,7 @@ accelerator memory: only the rows a batch reads cross to the accelerator. Here:
   it is *not registered* on the module: `model.parameters()`, `.to()`, `.cuda()`, DDP and
   FSDP never see or move it. `state_dict()` / `load_state_dict()` include it under the
   same key as the device store's (``token_tables.weight``), so checkpoints are
-  interchangeable, and loading writes straight into host memory. `host_parameters()` is
+  interchangeable, and loading writes straight into host memory. `store_parameters()` is
   how the optimizer (jtok.training.optim) finds it.
 - `rows(keys, device)`: one `index_select` on the host for every layer's rows of the
   distinct keys, then one copy to `device` (non-blocking from a pinned staging buffer on
@@ -89,7 +89,7 @@ class HostTables(_TableLayout, nn.Module):
     def weight(self) -> nn.Parameter:
         return self._host_weight
 
-    def host_parameters(self) -> list[nn.Parameter]:
+    def store_parameters(self) -> list[nn.Parameter]:
         return [self._host_weight]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

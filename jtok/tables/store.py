@@ -10,8 +10,8 @@ per layer for the U distinct keys of the batch (jtok.tables.keys).
   ``sparse_grad`` its gradient holds only the gathered rows, for `RowAdam`.
 - `HostTables` (placement "host", jtok.tables.host): the matrix and its row-optimizer
   state stay in host memory; only a batch's gathered rows travel to the accelerator.
-- A sharded store (rows split across processes) is the distributed-training issue's; it
-  answers the same `rows(keys)`.
+- `ShardedTables` (placement "sharded", jtok.tables.sharded): each of W processes holds
+  1/W of the rows and their optimizer state; rows travel to the processes that read them.
 
 Placement is a run-time choice (`train.table_placement`, `--table-placement`), not part
 of the model config: `make_store(cfg, placement)` builds the store a model uses.
@@ -30,7 +30,7 @@ from jtok.config import ModelConfig
 from jtok.errors import JTokError
 from jtok.tables.keys import CurrentTokenKey, RowKeys
 
-PLACEMENTS = ("device", "host")
+PLACEMENTS = ("device", "host", "sharded")
 
 
 class TableStoreError(JTokError):
@@ -146,5 +146,9 @@ def make_store(cfg: ModelConfig, placement: str = "device") -> nn.Module:
         from jtok.tables.host import HostTables
 
         return HostTables(cfg)
+    if placement == "sharded":
+        from jtok.tables.sharded import ShardedTables
+
+        return ShardedTables(cfg)
     raise TableStoreError(f"table placement must be one of {list(PLACEMENTS)}, got "
                           f"{placement!r}")  # fmt: skip

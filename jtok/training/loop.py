@@ -68,15 +68,22 @@ class TrainingError(JTokError):
     """A run cannot go on (diverged loss, ...)."""
 
 
-def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip the global L2 norm of dense, sparse and sharded (FSDP2) gradients together;
-    return the norm. A sharded gradient's squares are summed over the processes holding
-    its shards (every process must call this, with the same parameters)."""
+def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float,
+                    distributed_rows=()) -> float:  # fmt: skip
+    """Clip the global L2 norm of dense, sparse and sharded gradients together; return the
+    norm. The squares of an FSDP2 shard's gradient, and of `distributed_rows` (a sharded
+    table's block on each process), are summed over processes (every process must call
+    this, with the same parameters)."""
     from torch.distributed.tensor import DTensor
 
     squares, sharded = [], []
+    for p in distributed_rows:
+        if p.grad is not None:
+            p.grad = p.grad.coalesce()
+            sharded.append(p.grad._values().float().square().sum())
+    params = [*params, *distributed_rows]
     for p in params:
-        if p.grad is None:
+        if p.grad is None or any(p is q for q in distributed_rows):
             continue
         if isinstance(p.grad, DTensor):
             sharded.append(p.grad.to_local().float().square().sum())
@@ -85,9 +92,11 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> float:
             squares.append(p.grad._values().float().square().sum())
         else:
             squares.append(p.grad.float().square().sum())
-    if sharded:
-        shard_sum = torch.stack(sharded).sum()
-        torch.distributed.all_reduce(shard_sum)
+    if sharded or distributed_rows:
+        device = distributed_rows[0].device if distributed_rows else sharded[0].device
+        shard_sum = torch.stack(sharded).sum() if sharded else torch.zeros((), device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(shard_sum)
         squares.append(shard_sum.to(squares[0].device) if squares else shard_sum)
     if not squares:
         return 0.0
@@ -107,11 +116,25 @@ def _weights_finite(model: torch.nn.Module, env: DistEnv) -> bool:
     """Whether every weight is finite, on every process (FSDP2 checks its shards)."""
     from torch.distributed.tensor import DTensor
 
-    host = getattr(model.token_tables, "host_parameters", lambda: [])() if getattr(
+    host = getattr(model.token_tables, "store_parameters", lambda: [])() if getattr(
         model, "token_tables", None) is not None else []  # fmt: skip
     local = [p.to_local() if isinstance(p, DTensor) else p for p in [*model.parameters(), *host]]
     bad = torch.tensor([0.0 if all(bool(torch.isfinite(p).all()) for p in local) else 1.0])
     return float(all_reduce_sum_(bad, env)) == 0.0
+
+
+def _table_state(states: list[dict], optimizers, store, per_row) -> list[dict]:
+    """Optimizer states with every per-row tensor of the sharded table's parameter mapped by
+    `per_row` (gather the blocks into the whole, or take this process's block)."""
+    table = store.store_parameters()[0]
+    out = []
+    for state, opt in zip(states, optimizers.optimizers, strict=True):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        entries = {pid: ({k: per_row(v) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                          for k, v in values.items()} if params[int(pid)] is table else values)
+                   for pid, values in state["state"].items()}  # fmt: skip
+        out.append({"state": entries, "param_groups": state["param_groups"]})
+    return out
 
 
 def _keys_on(store, ids_BT: torch.Tensor, device: torch.device):
@@ -213,6 +236,8 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
     fsdp = env.enabled and tcfg.parallel == "fsdp"
     wrapped = parallelize(model, env, tcfg.parallel, tcfg.precision)
     optimizers = Optimizers(model, tcfg)
+    sharded = model.token_tables if getattr(model.token_tables, "placement", "") == "sharded" \
+        else None  # fmt: skip
     tables = [param for _, param in table_parameters(model)]
     host = model.token_tables if tcfg.table_placement == "host" and mcfg.tokmod.enabled else None
     metrics = MetricsLog(run_dir, enabled=env.is_main)
@@ -221,8 +246,12 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
     if plan.resume and state is None:
         say(f"no checkpoint in {run_dir} yet: starting from step 0")
     elif state is not None:
-        ckpt.load_optimizer_state(plan.checkpoint, state, optimizers, prepare=(
-            (lambda states: shard_optimizer_state(states, optimizers)) if fsdp else None))
+        def prepare(states: list[dict]) -> list[dict]:
+            if sharded is not None:
+                states = _table_state(states, optimizers, sharded, sharded.local_rows)
+            return shard_optimizer_state(states, optimizers) if fsdp else states
+
+        ckpt.load_optimizer_state(plan.checkpoint, state, optimizers, prepare=prepare)
         optimizers.apply_config(tcfg)  # an allowed change (lr, ...) wins over the saved groups
         ckpt.restore_rng_state(state["rng"])
         monitor.load_state(state.get("divergence"))
@@ -244,10 +273,14 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
         if not _weights_finite(model, env):
             raise stop("the weights are no longer finite", step)
         tensors = optimizer_states = None
-        if fsdp:  # every process joins the gathers; the main one writes
+        if fsdp or sharded is not None:  # every process joins the gathers; the main one writes
             tensors = {k: v.detach().contiguous().cpu()
                        for k, v in full_state(ckpt.persistent_state(model)).items()}
             optimizer_states = full_state(optimizers.state_dict())
+            if sharded is not None:
+                tensors["token_tables.weight"] = sharded.gather_full().cpu()
+                optimizer_states = _table_state(optimizer_states, optimizers, sharded,
+                                                sharded.gather_rows)  # fmt: skip
         if env.is_main:
             ckpt.save_checkpoint(run_dir, step, model, optimizers,
                                  meta={**meta, "tokens": step * tokens_per_step,
@@ -274,7 +307,7 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
                        dynamic_ncols=True)  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     if host is not None:
-        params += host.host_parameters()  # clipped with the rest: one global norm
+        params += host.store_parameters()  # clipped with the rest: one global norm
     # Host tables: the next step's rows are gathered on a background thread (and copied on
     # a side stream) while this step computes; after the optimizer step, the rows it
     # changed are re-read (jtok.tables.host), so prefetching never changes a result.
@@ -314,7 +347,8 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
             raise stop(reason, step)
         average_table_gradients(tables, env)  # the backbone's were reduced in backward
         pulled = host.pull_gradients() if host is not None else None
-        grad_norm = clip_grad_norm_(params, tcfg.grad_clip)
+        grad_norm = clip_grad_norm_(params, tcfg.grad_clip, distributed_rows=(
+            sharded.store_parameters() if sharded is not None else ()))
         reason = monitor.check_gradient(loss_value, grad_norm)
         if reason:
             raise stop(reason, step)

@@ -44,10 +44,10 @@ def parameter_roles(model: torch.nn.Module) -> list[tuple[str, torch.nn.Paramete
             for param in module.parameters(recurse=False):
                 declared.setdefault(id(param), "matrix")
     named = list(model.named_parameters())  # tied parameters appear once
-    # Host tables (jtok.tables.host) are Parameters the module does not register, so that
-    # .to() and wrappers leave them in host memory; they are tables, stepped by RowAdam.
+    # Host and sharded tables (jtok.tables.host, .sharded) are Parameters the module does not
+    # register, so that .to() and wrappers leave them alone; they are tables, for RowAdam.
     for module_name, module in model.named_modules():
-        for param in getattr(module, "host_parameters", lambda: [])():
+        for param in getattr(module, "store_parameters", lambda: [])():
             declared[id(param)] = "table"
             named.append((f"{module_name}.weight", param))
     result = []
@@ -70,7 +70,7 @@ def sparse_table_params(model: torch.nn.Module) -> set[int]:
     for module in model.modules():
         if isinstance(module, TokenTables) and module.sparse_grad:
             found.update(id(p) for p in module.parameters(recurse=False))
-        found.update(id(p) for p in getattr(module, "host_parameters", lambda: [])())
+        found.update(id(p) for p in getattr(module, "store_parameters", lambda: [])())
     return found
 
 
