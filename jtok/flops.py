@@ -218,7 +218,8 @@ def memory_plan(cfg: ModelConfig, training: bool = True, world_size: int = 1,
     `parallel` "fsdp" shards the backbone's parameters, gradients and optimizer state over
     `world_size` processes (a block's parameters are gathered whole for its forward and
     backward, on top: `fsdp unsharded block`); "ddp" replicates them. The tables are
-    replicated on every process's device ("device") or held in host memory ("host").
+    replicated on every process's device ("device"), held in host memory ("host"), or split
+    into 1/W per process ("sharded").
     `batch` is the micro-batch one process runs. Lower bounds, as `estimate_memory`'s."""
     backbone = estimate_memory(cfg, training, batch, seq_len, activation_bytes,
                                include_tables=False)  # fmt: skip
@@ -234,9 +235,10 @@ def memory_plan(cfg: ModelConfig, training: bool = True, world_size: int = 1,
         device["fsdp unsharded block"] = 4 * per_block * (2 if training else 1)
     host: dict[str, int] = {}
     if tables.params:
-        where = device if table_placement == "device" else host
-        where["table rows"] = tables.params
+        where = host if table_placement == "host" else device
+        share = world_size if table_placement == "sharded" else 1  # 1/W of the rows each
+        where["table rows"] = tables.params // share
         if training:
-            where["table optimizer"] = tables.optimizer
+            where["table optimizer"] = tables.optimizer // share
     return {"device": device, "host": host,
             "device_total": sum(device.values()), "host_total": sum(host.values())}

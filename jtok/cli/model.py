@@ -162,7 +162,8 @@ def register(sub) -> None:
     add_model_arguments(info, default_preset=None)
     info.add_argument("--seq-len", type=positive_int, help="context length for attention FLOPs "
                       "(default: the model's max_seq_len)")  # fmt: skip
-    info.add_argument("--table-placement", choices=["device", "host"], default="device",
+    info.add_argument("--table-placement", choices=["device", "host", "sharded"],
+                      default="device",
                       help="where the tables would live: the memory line splits the weights "
                       "between accelerator and host accordingly")
     info.add_argument("--world-size", type=positive_int, default=1, metavar="N",
