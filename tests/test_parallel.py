@@ -110,3 +110,24 @@ def test_a_two_process_checkpoint_resumes_on_one_process(parallel_runs, tmp_path
     original = dict(losses(parallel_runs / name))
     for step in (3, 4):
         assert resumed[step] == pytest.approx(original[step], rel=1e-5)
+
+
+def test_processes_with_different_configs_are_refused(tiny_data, tmp_path):
+    cfg = case_config(tiny_data, "tiny", "jtok", "ddp", 1)
+    script = tmp_path / "mismatch.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from jtok.config import RunConfig\n"
+        "from jtok.training.loop import train\n"
+        "cfg = json.loads(sys.argv[1])\n"
+        "cfg['train']['lr'] *= 1 + int(os.environ['RANK'])  # each process its own lr\n"
+        "train(RunConfig.from_dict(cfg), sys.argv[2], progress=False, log=print)\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={WORLD}", str(script), json.dumps(cfg.to_dict()),
+         str(tmp_path / "run")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "resolved different run configs" in done.stderr
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before any change

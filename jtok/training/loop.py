@@ -198,6 +198,7 @@ def train(run_cfg: RunConfig, run_dir: Path | str, *, resume: bool = False,
                 if created and env.is_main:
                     _remove_if_unused(run_dir)  # a failed start leaves no trace
                 raise
+            _same_config_everywhere(plan.config, env)
             barrier(env)  # every process validated before the main one changes anything
             if env.is_main:
                 apply_start(plan, log=say)
@@ -207,6 +208,26 @@ def train(run_cfg: RunConfig, run_dir: Path | str, *, resume: bool = False,
             return _train(plan, env, micro_rows, progress, say)
     finally:
         shutdown_distributed(env)
+
+
+def _same_config_everywhere(run_cfg: RunConfig, env: DistEnv) -> None:
+    """Refuse a launch whose processes resolved different configs (another --set on one
+    node, a config file edited between starts): they would train different models."""
+    if not env.enabled:
+        return
+    import hashlib
+    import json
+
+    import torch.distributed as dist
+
+    digest = hashlib.sha256(json.dumps(run_cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+    digests: list = [None] * env.world_size
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) > 1:
+        odd = [rank for rank, d in enumerate(digests) if d != digests[0]]
+        raise TrainingError(f"the processes resolved different run configs (rank 0 differs "
+                            f"from rank(s) {odd}); start every process with the same "
+                            "arguments and files")  # fmt: skip
 
 
 def _micro_rows(run_cfg: RunConfig, env: DistEnv) -> int:
