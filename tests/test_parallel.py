@@ -131,3 +131,41 @@ def test_processes_with_different_configs_are_refused(tiny_data, tmp_path):
     assert done.returncode != 0
     assert "resolved different run configs" in done.stderr
     assert not (tmp_path / "run" / "config.json").exists()  # refused before any change
+
+
+def test_a_killed_launch_leaves_its_last_checkpoint_loadable(tiny_data, tmp_path):
+    import signal
+    import time
+
+    from jtok.run import checkpoint as ckpt
+
+    cfg = tiny_run_config(tiny_data, steps=400, save_every=3, eval_every=0,
+                          table_placement="sharded")  # fmt: skip
+    run = tmp_path / "run"
+    worker = Path(__file__).with_name("dist_worker.py")
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={WORLD}", str(worker),
+         json.dumps([{"config": cfg.to_dict(), "out": str(run)}])],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while len(ckpt.list_checkpoints(run)) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert ckpt.list_checkpoints(run), "no checkpoint appeared"
+    finally:
+        # Every process of the launch at once: the agent's group, and the workers, which
+        # torchrun starts in sessions of their own (found by the run path they were given).
+        os.killpg(launch.pid, signal.SIGKILL)
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and str(run).encode() in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except OSError:
+                pass
+        launch.wait()
+        time.sleep(0.5)
+    _, model, state = load_run(run)
+    assert state["step"] % 3 == 0 and all(torch.isfinite(p).all() for p in model.parameters())
