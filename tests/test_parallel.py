@@ -169,3 +169,28 @@ def test_a_killed_launch_leaves_its_last_checkpoint_loadable(tiny_data, tmp_path
         time.sleep(0.5)
     _, model, state = load_run(run)
     assert state["step"] % 3 == 0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_consolidate_writes_the_single_process_files_of_a_distributed_checkpoint(
+        parallel_runs, tmp_path, capsys):  # fmt: skip
+    import shutil
+
+    from jtok.cli import main
+    from jtok.run import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    shutil.copytree(parallel_runs / "sharded-moe-jtok-fsdp", run)
+    latest = ckpt.latest_checkpoint(run)
+    assert not ckpt.has_single_file(latest)  # a launch writes DCP
+    _, from_dcp, _ = load_run(run)
+    assert main(["checkpoint", "consolidate", "--run", str(run)]) == 0
+    assert ckpt.has_single_file(latest)
+    shutil.rmtree(latest / "dcp")  # the single files alone now carry the checkpoint
+    _, from_files, _ = load_run(run)
+    a, b = from_dcp.state_dict(), from_files.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["checkpoint", "consolidate", "--run", str(run)]) == 0  # step 2: done before
+    assert "already consolidated" in capsys.readouterr().out
+    assert main(["checkpoint", "consolidate", "--run", str(tmp_path / "nowhere")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -16,7 +16,7 @@ import sys
 import warnings
 
 from jtok import __version__
-from jtok.cli import bench, data, hf, inference, model, run, studies
+from jtok.cli import bench, checkpoint, data, hf, inference, model, run, studies
 from jtok.errors import JTokError
 
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"jtok {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    for group in (model, bench, data, run, inference, hf, studies):
+    for group in (model, bench, data, run, inference, hf, checkpoint, studies):
         group.register(sub)
     return parser
 

@@ -9,8 +9,8 @@ the sharded store takes the tables over. Gradient accumulation syncs only on the
 micro-batch (`sync_gradients`).
 
 FSDP2 keeps parameters, gradients and optimizer state as DTensors, each process holding a
-shard. Checkpoints stay in the single-process format: `full_state` gathers full tensors
-(a collective every process joins) and `load_full_state` scatters them back.
+shard; a launch's checkpoints are DCP's (jtok.run.dcp), which reads them into any layout.
+A single-process checkpoint resumed under FSDP2 is sharded by `shard_optimizer_state`.
 """
 
 from __future__ import annotations
@@ -86,18 +86,6 @@ def _is_dtensor(value) -> bool:
     return isinstance(value, DTensor)
 
 
-def full_state(value):
-    """`value` (a state dict, an optimizer state, nested) with every DTensor gathered to a
-    full tensor. Every process must call it, in the same order (it runs collectives)."""
-    if _is_dtensor(value):
-        return value.full_tensor()
-    if isinstance(value, dict):
-        return {k: full_state(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(full_state(v) for v in value)
-    return value
-
-
 def shard_like(full: torch.Tensor, like) -> torch.Tensor:
     """`full` laid out as `like` is (the same DTensor sharding), or `full` itself."""
     if not _is_dtensor(like):
@@ -106,13 +94,6 @@ def shard_like(full: torch.Tensor, like) -> torch.Tensor:
 
     return distribute_tensor(full.to(like.device_mesh.device_type), like.device_mesh,
                              like.placements)  # fmt: skip
-
-
-def load_full_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Load full tensors into a model whose parameters may be FSDP2 shards."""
-    targets = model.state_dict()
-    model.load_state_dict({k: shard_like(v, targets[k]) if k in targets else v
-                           for k, v in tensors.items()}, strict=False)  # fmt: skip
 
 
 def shard_optimizer_state(states: list[dict], optimizers) -> list[dict]:

@@ -85,6 +85,17 @@ def clean_temporary(run_dir: Path) -> list[str]:
     return removed
 
 
+def has_single_file(ckpt_dir: Path) -> bool:
+    """Whether a checkpoint has the single-process files (written, or consolidated)."""
+    return (Path(ckpt_dir) / MODEL_FILE).is_file() and (Path(ckpt_dir) / OPTIMIZER_FILE).is_file()
+
+
+def _is_dcp(ckpt_dir: Path) -> bool:
+    from jtok.run.dcp import has_dcp
+
+    return has_dcp(ckpt_dir)
+
+
 def is_healthy(ckpt_dir: Path) -> bool:
     """Whether a checkpoint was saved while the loss was finite and not exploding.
 
@@ -170,7 +181,7 @@ def save_checkpoint(
     """Write checkpoint `step` atomically; then prune to the newest `keep` checkpoints.
 
     `tensors` / `optimizer_states` replace the model's and the optimizers' own state when
-    given (full tensors gathered from FSDP2 shards: jtok.parallel.wrap.full_state)."""
+    given (a sharded table's blocks gathered into the whole matrix)."""
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
@@ -198,6 +209,69 @@ def save_checkpoint(
             if stale != protected:
                 shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def save_checkpoint_distributed(run_dir: Path, step: int, model: torch.nn.Module, optimizers,
+                                meta: dict[str, Any], keep: int | None, is_main: bool,
+                                barrier) -> Path:  # fmt: skip
+    """Every process of a launch writes its part through DCP (jtok.run.dcp); the main one
+    then adds state.json and renames the folder into place, so a checkpoint under its name
+    is complete, as in the single-process format. `barrier` synchronises the processes."""
+    from jtok.run.dcp import save_dcp
+
+    root = Path(run_dir) / CHECKPOINT_DIR
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}-dcp"  # one name every process agrees on
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    save_dcp(tmp, model, optimizers)
+    barrier()
+    if is_main:
+        _, rest = _split_optimizer_state(optimizers.state_dict())
+        state = {"format_version": FORMAT_VERSION, "step": step, "rng": rng_state(),
+                 "format": "dcp", **meta, "optimizer": _scalars_only(rest)}  # fmt: skip
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        _fsync(tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        if keep is not None:
+            protected = last_healthy_checkpoint(run_dir)
+            for stale in list_checkpoints(run_dir)[:-keep]:
+                if stale != protected:
+                    shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    return final
+
+
+def write_single_files(ckpt_dir: Path, model: torch.nn.Module, optimizers) -> None:
+    """Add the single-process files (model.safetensors, optimizer.safetensors) to a
+    checkpoint that has none (a DCP checkpoint, loaded whole into `model` and
+    `optimizers`): each file is written beside it and renamed into place."""
+    ckpt_dir = Path(ckpt_dir)
+    scratch = ckpt_dir.parent / f".tmp-consolidate-{ckpt_dir.name}-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        config_json = json.dumps(model.cfg.to_dict()) if hasattr(model, "cfg") else "{}"
+        save_file(model_tensors(model), scratch / MODEL_FILE, metadata={"config": config_json})
+        tensors, _ = _split_optimizer_state(optimizers.state_dict())
+        save_file(tensors, scratch / OPTIMIZER_FILE)
+        for name in (OPTIMIZER_FILE, MODEL_FILE):  # the model file last: it marks "done"
+            _fsync(scratch / name)
+            os.replace(scratch / name, ckpt_dir / name)
+        fsync_dir(ckpt_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _scalars_only(rest: list[dict]) -> list[dict]:
+    """The JSON part of optimizer states, without anything DTensor-shaped in it."""
+    return json.loads(json.dumps(rest, default=lambda value: None))
 
 
 def _write_checkpoint_files(folder: Path, step: int, model: torch.nn.Module, optimizers,
@@ -261,6 +335,19 @@ def validate_checkpoint(ckpt_dir: Path, model: torch.nn.Module, with_optimizer: 
     with one line and leaves the directory as it was."""
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)
+    if not (ckpt_dir / MODEL_FILE).is_file() and _is_dcp(ckpt_dir):
+        from jtok.run.dcp import read_shapes
+
+        try:
+            found = read_shapes(ckpt_dir)
+        except Exception as err:  # DCP raises assorted errors for a damaged folder
+            raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: "
+                                  f"{str(err).splitlines()[0]}") from None  # fmt: skip
+        shapes = {k[len("model/"):]: v for k, v in found.items() if k.startswith("model/")}
+        _check_fit(ckpt_dir, expected_shapes(model), shapes)
+        if with_optimizer and "optimizer" not in state:
+            raise CheckpointError(f"checkpoint {ckpt_dir} has no optimizer state")
+        return state
     shapes = _tensor_shapes(ckpt_dir / MODEL_FILE, "checkpoint weights")
     _check_fit(ckpt_dir, expected_shapes(model), shapes)
     if with_optimizer:
@@ -286,6 +373,11 @@ def _check_fit(ckpt_dir: Path, expected: dict[str, tuple], found: dict[str, tupl
 def load_model_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
     """Load `model.safetensors` into `model`; every tensor must be present and fit."""
     path = Path(ckpt_dir) / MODEL_FILE
+    if not path.is_file() and _is_dcp(ckpt_dir):
+        from jtok.run.dcp import load_dcp
+
+        load_dcp(ckpt_dir, model)  # into the model's layout, whatever wrote it
+        return
     try:
         # Read on the host; load_state_dict copies each tensor to where its parameter
         # lives, so host tables (jtok.tables.host) never pass through the accelerator.
@@ -326,6 +418,9 @@ def load_optimizer_state(ckpt_dir: Path, state: dict, optimizers, prepare=None) 
     """Restore the optimizers' state; `prepare` maps the full states first (e.g. to FSDP2
     shards: jtok.parallel.wrap.shard_optimizer_state)."""
     path = Path(ckpt_dir) / OPTIMIZER_FILE
+    if not path.is_file() and _is_dcp(ckpt_dir) and "optimizer" in state:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is a distributed checkpoint: load it "
+                              "with jtok.run.dcp.load_dcp")  # fmt: skip
     if "optimizer" not in state or not path.is_file():
         raise CheckpointError(f"checkpoint {ckpt_dir} has no optimizer state")
     try:  # on the host: Optimizer.load_state_dict moves each state to its parameter

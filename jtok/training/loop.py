@@ -35,13 +35,13 @@ from jtok.parallel.distributed import (
 from jtok.parallel.distributed import shutdown as shutdown_distributed
 from jtok.parallel.resources import check_memory
 from jtok.parallel.wrap import (
-    full_state,
     parallelize,
     shard_optimizer_state,
     sync_gradients,
     table_parameters,
 )
 from jtok.run import checkpoint as ckpt
+from jtok.run.dcp import has_dcp, load_dcp
 from jtok.run.files import CONFIG_FILE, LOCK_FILE, METRICS_FILE, TOKENIZER_FILE  # noqa: F401
 from jtok.run.lock import RunBusyError, try_lock, unlock
 from jtok.run.rundir import (  # noqa: F401  (re-exported)
@@ -250,10 +250,12 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
     model = build_model(mcfg, seed=tcfg.seed, device=env.device,
                         table_placement=tcfg.table_placement).train()  # fmt: skip
     state = None
+    distributed_ckpt = False
     if plan.resume and plan.checkpoint is not None:
-        # Weights load before wrapping: FSDP2 then shards the loaded values.
         state = ckpt.read_state(plan.checkpoint)
-        ckpt.load_model_weights(plan.checkpoint, model)
+        distributed_ckpt = has_dcp(plan.checkpoint) and not ckpt.has_single_file(plan.checkpoint)
+        if not distributed_ckpt:  # before wrapping: FSDP2 then shards the loaded values
+            ckpt.load_model_weights(plan.checkpoint, model)
     fsdp = env.enabled and tcfg.parallel == "fsdp"
     wrapped = parallelize(model, env, tcfg.parallel, tcfg.precision)
     optimizers = Optimizers(model, tcfg)
@@ -272,7 +274,10 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
                 states = _table_state(states, optimizers, sharded, sharded.local_rows)
             return shard_optimizer_state(states, optimizers) if fsdp else states
 
-        ckpt.load_optimizer_state(plan.checkpoint, state, optimizers, prepare=prepare)
+        if distributed_ckpt:  # DCP reads each tensor into this run's layout (any W)
+            load_dcp(plan.checkpoint, model, optimizers, state.get("optimizer"))
+        else:
+            ckpt.load_optimizer_state(plan.checkpoint, state, optimizers, prepare=prepare)
         optimizers.apply_config(tcfg)  # an allowed change (lr, ...) wins over the saved groups
         ckpt.restore_rng_state(state["rng"])
         monitor.load_state(state.get("divergence"))
@@ -293,23 +298,23 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
     def save(step: int) -> None:
         if not _weights_finite(model, env):
             raise stop("the weights are no longer finite", step)
+        meta_now = {**meta, "tokens": step * tokens_per_step, "healthy": monitor.healthy(),
+                    "divergence": monitor.state()}  # fmt: skip
+        if env.enabled:  # several processes: each writes its part (DCP)
+            ckpt.save_checkpoint_distributed(run_dir, step, model, optimizers, meta_now,
+                                             tcfg.keep_checkpoints, env.is_main,
+                                             lambda: barrier(env))  # fmt: skip
+            return
         tensors = optimizer_states = None
-        if fsdp or sharded is not None:  # every process joins the gathers; the main one writes
-            tensors = {k: v.detach().contiguous().cpu()
-                       for k, v in full_state(ckpt.persistent_state(model)).items()}
-            optimizer_states = full_state(optimizers.state_dict())
-            if sharded is not None:
-                tensors["token_tables.weight"] = sharded.gather_full().cpu()
-                optimizer_states = _table_state(optimizer_states, optimizers, sharded,
-                                                sharded.gather_rows)  # fmt: skip
+        if sharded is not None:  # one process: its block is the whole matrix
+            tensors = ckpt.model_tensors(model)
+            tensors["token_tables.weight"] = sharded.gather_full().cpu()
+            optimizer_states = _table_state(optimizers.state_dict(), optimizers, sharded,
+                                            sharded.gather_rows)  # fmt: skip
         if env.is_main:
-            ckpt.save_checkpoint(run_dir, step, model, optimizers,
-                                 meta={**meta, "tokens": step * tokens_per_step,
-                                       "healthy": monitor.healthy(),
-                                       "divergence": monitor.state()},
+            ckpt.save_checkpoint(run_dir, step, model, optimizers, meta=meta_now,
                                  keep=tcfg.keep_checkpoints, tensors=tensors,
                                  optimizer_states=optimizer_states)  # fmt: skip
-        barrier(env)  # no process runs ahead of a checkpoint being written
 
     def validate(step: int) -> dict:
         report = validation(model, run_cfg, env.device, max_tokens=tcfg.eval_tokens,
