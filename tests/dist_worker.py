@@ -32,6 +32,13 @@ def record_share(cfg, out):
 if __name__ == "__main__":
     dist.init_process_group("gloo")  # once: every run of the launch shares it
     for item in json.loads(sys.argv[1]):
+        if "copy_from" in item:  # a resume: the main process prepares the copy
+            if dist.get_rank() == 0:
+                import shutil
+
+                shutil.copytree(item["copy_from"], item["out"])
+                shutil.rmtree(Path(item["out"], "checkpoints", item["drop"]))
+            dist.barrier()
         cfg = RunConfig.from_dict(item["config"])
         train(cfg, item["out"], resume=item.get("resume", False), progress=False,
               log=lambda message: None)

@@ -47,6 +47,11 @@ def parallel_runs(tiny_data, tmp_path_factory):
     for name, preset_name, kind, parallel, accum, placement in CASES:
         cfg = case_config(tiny_data, preset_name, kind, parallel, accum, placement)
         jobs.append({"config": cfg.to_dict(), "out": str(root / name)})
+    # Exact resume at an equal world size: the FSDP2 + sharded run again from its step-2
+    # (distributed) checkpoint, after the uninterrupted one.
+    source = next(j for j in jobs if j["out"].endswith("sharded-moe-jtok-fsdp"))
+    jobs.append({**source, "out": str(root / "resumed-sharded-moe-jtok-fsdp"), "resume": True,
+                 "copy_from": source["out"], "drop": "step_00000004"})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     worker = Path(__file__).with_name("dist_worker.py")
     done = subprocess.run(
@@ -75,6 +80,12 @@ def test_parallel_run_equals_one_process_with_the_same_micro_batches(
     assert w1.keys() == w2.keys()
     for key in w1:
         torch.testing.assert_close(w1[key], w2[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_distributed_resume_at_the_same_world_size_is_exact(parallel_runs):
+    full = dict(losses(parallel_runs / "sharded-moe-jtok-fsdp"))
+    resumed = dict(losses(parallel_runs / "resumed-sharded-moe-jtok-fsdp"))
+    assert resumed[3] == full[3] and resumed[4] == full[4]  # bit for bit on CPU
 
 
 def test_each_process_holds_its_share_of_the_sharded_rows_and_their_state(parallel_runs):
