@@ -245,15 +245,66 @@ def test_compare_gives_each_accuracy_and_the_paired_difference(run_dir, tmp_path
     train(RunConfig.from_dict(cfg), longer, resume=True, allow_changes={"train.steps"},
           progress=False, log=lambda m: None)  # fmt: skip
     capsys.readouterr()
+    out = tmp_path / "compared"
     code = main(["eval", "--compare", str(run_dir), str(longer), "--tasks", TASK,
-                 "--include-path", str(tmp_path), "--json"])  # fmt: skip
+                 "--include-path", str(tmp_path), "--json", "--out", str(out)])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    row = json.loads(captured.out)["tasks"][TASK]
+    record = json.loads(captured.out)
+    row = record["tasks"][TASK]
     first, second = row["runs"]
-    assert row["n"] == len(ITEMS) and first["diff"] == 0.0
-    assert second["diff"] == pytest.approx(second["acc"] - first["acc"])
-    assert math.isfinite(second["diff_stderr"]) or second["diff"] == 0.0
+    assert row["n"] == len(ITEMS) and row["split"] == "test"
+    for metric in ("acc", "acc_norm"):
+        assert first[f"{metric}_diff"] == 0.0
+        assert second[f"{metric}_diff"] == pytest.approx(second[metric] - first[metric])
+        assert math.isfinite(second[f"{metric}_diff_stderr"])
+    # The paired SE by hand from each run's own per-item scores (`jtok eval --run` JSON).
+    per_item = []
+    for run in (run_dir, longer):
+        model = JTokLM(run=run)
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+
+        res = lm_eval.simple_evaluate(model=model, tasks=[TASK], log_samples=True,
+                                      task_manager=TaskManager(include_path=str(tmp_path)))
+        per_item.append({s["doc_id"]: s["acc"] for s in res["samples"][TASK]})
+    diffs = [per_item[1][i] - per_item[0][i] for i in per_item[0]]
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    assert second["acc_diff"] == pytest.approx(mean)
+    assert second["acc_diff_stderr"] == pytest.approx(sd / math.sqrt(len(diffs)))
+    assert json.loads((out / "compare.json").read_text()) == record
+    table = (out / "compare.md").read_text()
+    assert f"| {TASK} | test | {len(ITEMS)} | acc |" in table and "longer" in table
     assert main(["eval", "--compare", str(run_dir), "--tasks", TASK]) == 2  # one run
     assert main(["eval", "--run", str(run_dir), "--compare", str(run_dir), str(longer),
                  "--tasks", TASK]) == 2  # fmt: skip
+
+
+def test_lm_eval_hf_path_on_the_export_gives_the_same_scores(run_dir, tmp_path, capsys):
+    """The same model scored by lm-eval's own `hf` model (on `jtok export`'s folder, loaded
+    through the Auto classes) and by JTokLM: equal accuracies, log-likelihoods to fp32."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # lm-eval's hf model needs it (the dev extra has it)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    export = tmp_path / "export"
+    assert main(["export", "--run", str(run_dir), "--out", str(export)]) == 0
+    capsys.readouterr()
+    write_task(tmp_path)
+    manager = TaskManager(include_path=str(tmp_path))
+    scored = {}
+    for name, model in (("hf", "hf"), ("jtok", JTokLM(run=run_dir))):
+        args = f"pretrained={export},dtype=float32,device=cpu" if name == "hf" else None
+        scored[name] = lm_eval.simple_evaluate(model=model, model_args=args, tasks=[TASK],
+                                               task_manager=manager, log_samples=True,
+                                               batch_size=4)  # fmt: skip
+    hf, ours = (scored[k]["results"][TASK] for k in ("hf", "jtok"))
+    assert hf["acc,none"] == ours["acc,none"] and hf["acc_norm,none"] == ours["acc_norm,none"]
+    pairs = zip(scored["hf"]["samples"][TASK], scored["jtok"]["samples"][TASK], strict=True)
+    for sample_hf, sample_ours in pairs:
+        assert sample_hf["doc_id"] == sample_ours["doc_id"]
+        per_choice = (s["filtered_resps"] for s in (sample_hf, sample_ours))  # (ll, greedy)
+        for (ll_hf, _), (ll_ours, _) in zip(*per_choice, strict=True):
+            assert ll_hf == pytest.approx(ll_ours, abs=1e-4)

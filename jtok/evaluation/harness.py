@@ -28,6 +28,9 @@ def _offline() -> None:
     # Everything local: no Hub look-ups, even for a misconfigured task.
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(key, "1")
+    # Progress bars (lm-eval's and datasets' tqdm) only on a terminal, as jtok's own.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _number(value: Any) -> float | None:
@@ -153,48 +156,115 @@ def _score(args, run, names: list[str], manager, log_samples: bool = False):
     return results, model.step
 
 
-def _per_item_accuracy(results: dict) -> dict[str, dict[int, float]]:
-    """task -> doc id -> acc (0 or 1), from lm-eval's logged samples."""
-    out: dict[str, dict[int, float]] = {}
+METRICS = ("acc", "acc_norm")  # the per-item metrics --compare pairs
+
+
+def _per_item(results: dict, names: list[str]) -> dict[str, dict[str, dict[tuple, float]]]:
+    """metric -> task or group -> (subtask, doc id) -> score (0 or 1), from lm-eval's logged
+    samples. A group asked for by name (mmlu) pools its subtasks' items, as its accuracy
+    pools them (lm-eval weights a group's subtasks by their sizes)."""
+    per_task: dict[str, dict[str, dict[tuple, float]]] = {m: {} for m in METRICS}
     for task, samples in (results.get("samples") or {}).items():
-        out[task] = {int(s["doc_id"]): float(s["acc"]) for s in samples if "acc" in s}
+        for metric in METRICS:
+            scores = {(task, int(s["doc_id"])): float(s[metric]) for s in samples if metric in s}
+            if scores:
+                per_task[metric][task] = scores
+    groups = results.get("group_subtasks", {})
+
+    def leaves(name: str) -> list[str]:
+        if name not in groups:
+            return [name]
+        return [leaf for sub in groups[name] for leaf in leaves(sub)]
+
+    out: dict[str, dict[str, dict[tuple, float]]] = {m: {} for m in METRICS}
+    for metric in METRICS:
+        for name in names:
+            pooled = {key: score for leaf in leaves(name)
+                      for key, score in per_task[metric].get(leaf, {}).items()}  # fmt: skip
+            if pooled:
+                out[metric][name] = pooled
     return out
 
 
-def _compare(args, names: list[str], include: list[Path]) -> int:
-    """`jtok eval --compare R1 R2 ... --tasks T`: per task, every run's accuracy, and each
-    run's difference from the first with its paired standard error (the runs answer the
-    same items: sd of the per-item differences / sqrt(n))."""
+def _paired(items: dict[tuple, float], base: dict[tuple, float]) -> dict[str, float]:
+    """Accuracy over `items`, and the mean difference from `base` over the items both
+    scored with its paired standard error (sd of the per-item differences / sqrt(n))."""
     import math
+
+    shared = sorted(set(items) & set(base))
+    diffs = [items[i] - base[i] for i in shared]
+    nan = float("nan")
+    mean = sum(diffs) / len(diffs) if diffs else nan
+    var = (sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1)
+           if len(diffs) > 1 else nan)  # fmt: skip
+    return {"acc": sum(items.values()) / len(items) if items else nan, "n": len(shared),
+            "diff": mean, "diff_stderr": math.sqrt(var / len(diffs)) if diffs else nan}
+
+
+def _short_names(runs: list) -> list[str]:
+    """The runs' folder names where they tell the runs apart, else their paths."""
+    names = [Path(r).name for r in runs]
+    return names if len(set(names)) == len(names) else [str(r) for r in runs]
+
+
+def _compare(args, names: list[str], include: list[Path]) -> int:
+    """`jtok eval --compare R1 R2 ... --tasks T`: per task (and per group asked for by
+    name, e.g. mmlu), every run's acc and acc_norm, and each run's difference from the
+    first with its paired standard error (the runs answer the same items)."""
+    from jtok.evaluation import benchmarks
 
     manager = _task_manager(args, names, include)
     scored = [(run, *_score(args, run, names, manager, log_samples=True))
               for run in args.compare]  # fmt: skip
-    base_items = _per_item_accuracy(scored[0][1])
+    splits = _splits(scored[0][1], names, benchmarks)
+    base = _per_item(scored[0][1], names)
     rows: dict[str, dict] = {}
     for run, results, step in scored:
-        items = _per_item_accuracy(results)
-        for task, by_doc in items.items():
-            shared = sorted(set(by_doc) & set(base_items.get(task, {})))
-            acc = sum(by_doc.values()) / len(by_doc) if by_doc else float("nan")
-            diffs = [by_doc[i] - base_items[task][i] for i in shared]
-            mean = sum(diffs) / len(diffs) if diffs else float("nan")
-            var = (sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1)
-                   if len(diffs) > 1 else float("nan"))  # fmt: skip
-            rows.setdefault(task, {"n": len(shared), "runs": []})["runs"].append({
-                "run": str(run), "step": step, "acc": acc, "diff": mean,
-                "diff_stderr": math.sqrt(var / len(diffs)) if diffs else float("nan")})
+        items = _per_item(results, names)
+        for metric in METRICS:
+            for task, by_item in items[metric].items():
+                row = rows.setdefault(task, {"split": splits.get(task, "?"), "runs": {}})
+                entry = row["runs"].setdefault(str(run), {"run": str(run), "step": step})
+                paired = _paired(by_item, base[metric].get(task, {}))
+                row["n"] = paired.pop("n")
+                entry.update({metric if k == "acc" else f"{metric}_{k}": v
+                              for k, v in paired.items()})  # fmt: skip
+    for row in rows.values():
+        row["runs"] = list(row["runs"].values())
+    record = {"baseline": str(args.compare[0]), "runs": [str(r) for r in args.compare],
+              "limit": args.limit, "num_fewshot": args.num_fewshot, "tasks": rows}
+    markdown = _compare_table(rows, args.compare)
+    if args.out is not None:
+        from jtok.io import write_json_atomic
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out / "compare.json", record)
+        (args.out / "compare.md").write_text(markdown)
     if args.json:
-        print(json.dumps({"baseline": str(args.compare[0]), "tasks": rows}))
-        return 0
-    names_row = " | ".join(str(r) for r in args.compare)
-    print(f"| task | n | {names_row} | difference from {args.compare[0]} (paired SE) |")
-    print("|---|---:|" + "---:|" * len(args.compare) + "---|")
-    for task, row in sorted(rows.items()):
-        accs = " | ".join(f"{r['acc']:.3f}" for r in row["runs"])
-        diffs = "; ".join(f"{r['diff']:+.3f} ({r['diff_stderr']:.3f})" for r in row["runs"][1:])
-        print(f"| {task} | {row['n']} | {accs} | {diffs} |")
+        print(json.dumps(record))
+    else:
+        print(markdown, end="")
     return 0
+
+
+def _compare_table(rows: dict[str, dict], runs: list) -> str:
+    short = _short_names(runs)
+    lines = [f"| task | split | n | metric | {' | '.join(short)} | difference from {short[0]} "
+             "(paired SE) |",
+             "|---|---|---:|---|" + "---:|" * len(short) + "---|"]  # fmt: skip
+    for task, row in sorted(rows.items()):
+        for metric in METRICS:
+            if metric not in row["runs"][0]:
+                continue
+            accs = " | ".join(f"{r[metric]:.3f}" for r in row["runs"])
+            diffs = "; ".join(f"{r[metric + '_diff']:+.3f} ({r[metric + '_diff_stderr']:.3f})"
+                              for r in row["runs"][1:])  # fmt: skip
+            lines.append(f"| {task} | {row['split']} | {row['n']} | {metric} | {accs} | {diffs} |")
+    if any(row["split"].endswith("*") for row in rows.values()):
+        lines.append("")
+        lines.append("\\* a validation split (the bundled data has no labelled test split): "
+                     "not directly comparable with published test-split figures.")
+    return "\n".join(lines) + "\n"
 
 
 def _evaluate(args, names: list[str], include: list[Path]) -> int:

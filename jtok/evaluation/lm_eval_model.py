@@ -33,6 +33,10 @@ from jtok.evaluation import require_lm_eval
 
 require_lm_eval()
 
+# lm-eval fills its model registry with its own models (hf, vllm, ...) lazily, only while
+# the registry is empty: registering "jtok" first would hide them from later
+# `simple_evaluate(model="hf")` calls in this process, so they are imported first.
+import lm_eval.models  # noqa: E402, F401
 from lm_eval.api.model import TemplateLM  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402

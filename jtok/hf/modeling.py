@@ -67,6 +67,10 @@ _IGNORED_KWARGS = ("_from_auto", "trust_remote_code", "adapter_kwargs", "code_re
                    "_commit_hash", "use_safetensors", "weights_only", "low_cpu_mem_usage",
                    "attn_implementation", "ignore_mismatched_sizes", "disable_mmap",
                    "fusion_config", "_fast_init")  # fmt: skip
+# Arguments callers such as lm-eval's hf model always pass, usually unset: ignored when
+# unset (None or empty), refused when they ask for something a jtok model cannot do.
+_UNSUPPORTED_KWARGS = ("gguf_file", "max_memory", "quantization_config", "offload_folder",
+                       "tp_plan", "device_mesh")  # fmt: skip
 
 
 class _PaddedStepCache(KVCache):
@@ -300,6 +304,9 @@ class JTokForCausalLM(PreTrainedModel, GenerationMixin):
         output_loading_info = kwargs.pop("output_loading_info", False)
         for name in _IGNORED_KWARGS:
             kwargs.pop(name, None)
+        for name in _UNSUPPORTED_KWARGS:
+            if kwargs.pop(name, None):
+                raise TypeError(f"{name} is not supported for a jtok model")
         if not isinstance(config, JTokConfig):
             config, kwargs = JTokConfig.from_pretrained(
                 pretrained_model_name_or_path if config is None else config,
