@@ -18,7 +18,8 @@ _EXPORTS = {
     "ModelOutput": "jtok.nn.model", "build_model": "jtok.nn.model",
     "train": "jtok.training.loop", "Optimizers": "jtok.training.optim",
     "generate": "jtok.inference.generate", "RowAdam": "jtok.tables.row_adam",
-    "JTokError": "jtok.errors",
+    "JTokError": "jtok.errors", "retrofit": "jtok.hf.retrofit",
+    "save_retrofit": "jtok.hf.retrofit_io", "load_retrofit": "jtok.hf.retrofit_io",
 }  # fmt: skip
 __all__ = sorted(_EXPORTS)
 
