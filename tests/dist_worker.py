@@ -1,5 +1,11 @@
 """Run under torchrun by tests/test_parallel.py: train each configuration of a JSON list in
-turn (one launch for many configurations keeps the multi-process tests fast)."""
+turn (one launch for many configurations keeps the multi-process tests fast).
+
+An item is ``{"config", "out"}`` and optionally: "resume" (with "copy_from" and "drop": a
+copy of another run without its last checkpoint), "allow_changes" (config keys a resume
+may change), "exchange_path" (force the sharded store's path for this run), or
+``{"paths": out}``: compare the sharded store's two exchange paths (tests/dist_paths.py).
+"""
 
 import json
 import sys
@@ -9,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from jtok.config import RunConfig
+from jtok.tables.sharded import ShardedTables
 from jtok.training.loop import train
 
 
@@ -32,6 +39,11 @@ def record_share(cfg, out):
 if __name__ == "__main__":
     dist.init_process_group("gloo")  # once: every run of the launch shares it
     for item in json.loads(sys.argv[1]):
+        if "paths" in item:
+            from dist_paths import compare_paths
+
+            compare_paths(item["paths"])
+            continue
         if "copy_from" in item:  # a resume: the main process prepares the copy
             if dist.get_rank() == 0:
                 import shutil
@@ -40,8 +52,10 @@ if __name__ == "__main__":
                 shutil.rmtree(Path(item["out"], "checkpoints", item["drop"]))
             dist.barrier()
         cfg = RunConfig.from_dict(item["config"])
+        ShardedTables.exchange_path = item.get("exchange_path", "auto")
         train(cfg, item["out"], resume=item.get("resume", False), progress=False,
-              log=lambda message: None)
+              allow_changes=set(item.get("allow_changes", ())), log=lambda message: None)
+        ShardedTables.exchange_path = "auto"
         if cfg.train.table_placement == "sharded":
             record_share(cfg, item["out"])
     dist.destroy_process_group()

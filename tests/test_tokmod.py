@@ -328,3 +328,116 @@ def test_initial_scale_is_per_kind_unless_set(kind, scale_init, expected):
         u = torch.nn.functional.normalize(torch.randn(1000, 64), dim=-1)
         rms = (model.blocks[0].tokmod.scale.detach() * u).square().mean().sqrt()
         assert rms.item() == pytest.approx(1.0)
+
+
+# ---- fast paths (issue 12, speed) against the plain formulation ------------------------------
+
+
+def plain_jtokm(mod, h_in, h_tilde, m, rows_UnD, inverse_N):
+    """Eq 10-13 spelled as before the speed work: mean, F.linear, sigmoid + gather, Python
+    scalars, F.embedding_bag with its own offsets, c / (||e|| + eps)."""
+    d, n = h_in.shape[-1], rows_UnD.shape[1]
+    h = h_in.reshape(-1, d).float()
+    rstd = torch.rsqrt(h.square().mean(-1, keepdim=True) + mod.norm_eps)
+    scores = torch.sigmoid(F.linear(h, mod.router.float()) * rstd)
+    index = scores.topk(mod.top_k, dim=-1, sorted=False).indices
+    w = scores.gather(-1, index)
+    w = w / w.sum(-1, keepdim=True)
+    e = F.embedding_bag(inverse_N.unsqueeze(1) * n + index, rows_UnD.reshape(-1, d).float(),
+                        per_sample_weights=w, mode="sum")  # fmt: skip
+    base = (h_tilde + m).reshape(e.shape).float()
+    norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
+    out = torch.addcmul(base, e * (mod.residual_factor / (norm + mod.eps)), mod.scale.float())
+    return out.view_as(m)
+
+
+@pytest.mark.parametrize("seq", [1, 9])  # decoding (identity inverse) and a deduplicated batch
+@pytest.mark.parametrize("grad", [False, True])
+def test_jtokm_layer_equals_the_plain_formulation_bit_for_bit(seq, grad):
+    cfg = tiny(tokmod__kind="jtokm", tokmod__n_e="5", tokmod__top_k="2")
+    model = build_model(cfg, seed=2)
+    mod = model.blocks[0].tokmod
+    with torch.no_grad():
+        mod.scale.normal_()
+        mod.router.normal_()
+    ids = random_ids(cfg, batch=3, seq=seq, seed=1)
+    ids[1, 0] = ids[0, 0]  # a repeated id
+    gen = torch.Generator().manual_seed(3)
+    h, h_tilde, m = (torch.randn(3, seq, cfg.d_model, generator=gen) for _ in range(3))
+    with torch.set_grad_enabled(grad):
+        rows = model.token_tables.lookup(ids)
+        out, aux = mod(h, h_tilde, m, rows.layers[0], rows.inverse_N)
+        expected = plain_jtokm(mod, h, h_tilde, m, rows.layers[0], rows.inverse_N)
+    assert torch.equal(out, expected)
+    assert (aux is not None) == grad  # the balance loss only where the router trains
+
+
+def test_jtok_skips_the_gather_only_for_the_identity_map():
+    from jtok.tables.keys import identity, is_identity
+
+    cfg = tiny(tokmod__kind="jtok")
+    model = build_model(cfg, seed=2)
+    mod = model.blocks[0].tokmod
+    with torch.no_grad():
+        mod.scale.normal_()
+    ids = random_ids(cfg, batch=4, seq=1)
+    rows = model.token_tables.lookup(ids)  # one token per row: the cached identity map
+    assert is_identity(rows.inverse_N) and rows.inverse_N is identity(4)
+    assert not is_identity(torch.arange(4))  # equal values, not the cached map
+    h, h_tilde, m = (torch.randn(4, 1, cfg.d_model) for _ in range(3))
+    fast, _ = mod(h, h_tilde, m, rows.layers[0], rows.inverse_N)
+    gathered, _ = mod(h, h_tilde, m, rows.layers[0], torch.arange(4))
+    assert torch.equal(fast, gathered)
+
+
+def test_fused_router_gradient_matches_autograd_of_the_plain_formula():
+    from jtok.tables.mixers import _RouterLogits
+
+    torch.manual_seed(0)
+    h = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
+    R = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    eps = 1e-5
+    assert torch.autograd.gradcheck(lambda x, r: _RouterLogits.apply(x, r, eps), (h, R))
+    plain = (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps)) @ R.T
+    fused = _RouterLogits.apply(h, R, eps)
+    torch.testing.assert_close(fused, plain)
+    g = torch.randn_like(plain)
+    expected = torch.autograd.grad(plain, (h, R), g)
+    torch.testing.assert_close(torch.autograd.grad(fused, (h, R), g), expected)
+
+
+def test_route_topk_without_probs_chooses_the_same():
+    logits = torch.randn(32, 5) * 2
+    for bias in (None, torch.randn(5)):
+        full = route_topk(logits, 2, "sigmoid", renormalize=True, selection_bias_E=bias)
+        lean = route_topk(logits, 2, "sigmoid", renormalize=True, selection_bias_E=bias,
+                          need_probs=False)  # fmt: skip
+        assert lean[2] is None
+        assert torch.equal(lean[0], full[0]) and torch.equal(lean[1], full[1])
+
+
+@pytest.mark.parametrize("kind", ["jtok", "jtokm"])
+def test_inference_mode_decoding_then_training_in_one_process(kind):
+    # The cached constants, offsets and identity maps made while decoding under
+    # torch.inference_mode must not be inference tensors: training reuses them.
+    from jtok.nn.model import KVCache
+    from jtok.tables import keys, mixers
+
+    for cache in (keys._identities, mixers._constants, mixers._offsets):
+        cache.clear()
+    cfg = tiny(tokmod__kind=kind)
+    model = build_model(cfg, seed=0)
+    ids = random_ids(cfg, batch=2, seq=6)
+    with torch.inference_mode():
+        kv = KVCache.empty(cfg, 2, max_len=8)
+        model(ids[:, :5], cache=kv)
+        decoded = model(ids[:, 5:6], cache=kv).logits
+    with torch.no_grad():
+        kv = KVCache.empty(cfg, 2, max_len=8)
+        model(ids[:, :5], cache=kv)
+        assert torch.equal(model(ids[:, 5:6], cache=kv).logits, decoded)
+    out = model(ids[:, :1])  # training-mode forward with T = 1: the cached identity map
+    (out.logits.square().mean() + out.aux_loss).backward()
+    out = model(ids)
+    (out.logits.square().mean() + out.aux_loss).backward()
+    assert model.token_tables.weight.grad is not None

@@ -1,4 +1,5 @@
-"""`jtok bench`: training-step throughput, interleaved medians."""
+"""`jtok bench`: training-step throughput (default) or `jtok bench decode`: prefill and
+decode throughput; variants interleaved, medians and paired ratios to the baseline."""
 
 from __future__ import annotations
 
@@ -15,6 +16,16 @@ from jtok.cli.common import (
 )
 
 VARIANTS = ("baseline", "jtok", "jtokm")  # as jtok.bench.train_step.VARIANTS (no torch here)
+PLACEMENTS = ("device", "host")  # as jtok.bench.decode.PLACEMENTS
+MODES = ("train", "decode")
+
+# Options of one mode only, with their defaults there (None elsewhere: given in the other
+# mode, they are refused rather than silently ignored).
+TRAIN_ONLY = {"batch": 8, "seq_len": 256, "steps": 5, "optimizer": "sparse"}
+DECODE_ONLY = {"batches": "1,16", "new_tokens": 64, "prompt_len": 32,
+               "placements": "device,host", "device": "auto", "compile": False,
+               "host_check": True, "share": True}  # fmt: skip
+WARMUP = {"train": 2, "decode": 1}
 
 
 def parse_variants(text: str) -> list[str]:
@@ -29,16 +40,71 @@ def parse_variants(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from jtok.parallel.resources import check_memory, check_output_file
+def parse_placements(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in PLACEMENTS]
+    if unknown or not names:
+        raise UsageError(f"--placements: name one or both of {', '.join(PLACEMENTS)}"
+                         + (f" (got {unknown[0]!r})" if unknown else ""))  # fmt: skip
+    return list(dict.fromkeys(names))
 
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(b < 1 for b in sizes):
+        raise UsageError(f"--batches: expected positive integers separated by commas, got "
+                         f"{text!r}")  # fmt: skip
+    return list(dict.fromkeys(sizes))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _apply_mode_defaults(args: argparse.Namespace) -> None:
+    """Fill the chosen mode's defaults; refuse the other mode's options."""
+    own, other = (TRAIN_ONLY, DECODE_ONLY) if args.mode == "train" else (DECODE_ONLY, TRAIN_ONLY)
+    for name in other:
+        if getattr(args, name) is not None:
+            raise UsageError(f"{_flag(name)} applies to `jtok bench "
+                             f"{'decode' if args.mode == 'train' else '(train)'}`, not to "
+                             f"`jtok bench {args.mode}`")  # fmt: skip
+    for name, default in own.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.warmup is None:
+        args.warmup = WARMUP[args.mode]
+
+
+def _write(result: dict, args: argparse.Namespace, report) -> None:
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(report(result))
+    if args.out is not None:
+        from jtok.io import write_json_atomic
+
+        write_json_atomic(args.out, result)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from jtok.parallel.resources import check_output_file
+
+    _apply_mode_defaults(args)
     cfg = resolve_model_config(args)
-    if args.seq_len > cfg.max_seq_len:
-        raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len {cfg.max_seq_len}")
     variants = parse_variants(args.variants)
     if args.out is not None:
         check_output_file(args.out, "--out")
+    if args.mode == "decode":
+        return _bench_decode(args, cfg, variants)
 
+    from jtok.parallel.resources import check_memory
+
+    if args.seq_len > cfg.max_seq_len:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len {cfg.max_seq_len}")
     from jtok.bench.train_step import format_report, train_step_benchmark, variant_config
 
     # Every variant's model and optimizer are held at once, on the CPU.
@@ -51,41 +117,100 @@ def cmd_bench(args: argparse.Namespace) -> int:
         reps=args.reps, warmup=args.warmup, threads=args.threads, optimizer=args.optimizer,
         progress=not args.json,
     )  # fmt: skip
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(format_report(result))
-    if args.out is not None:
-        from jtok.io import write_json_atomic
+    _write(result, args, format_report)
+    return 0
 
-        write_json_atomic(args.out, result)
+
+def _bench_decode(args: argparse.Namespace, cfg, variants: list[str]) -> int:
+    from jtok.parallel.distributed import resolve_device
+    from jtok.parallel.resources import check_memory
+
+    batches = parse_batches(args.batches)
+    placements = parse_placements(args.placements)
+    length = args.prompt_len + args.new_tokens
+    if length > cfg.max_seq_len:
+        raise UsageError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} = "
+                         f"{length} exceeds max_seq_len {cfg.max_seq_len}")  # fmt: skip
+    device = resolve_device(args.device)
+
+    from jtok.bench.decode import decode_benchmark, format_report
+    from jtok.bench.train_step import variant_config
+
+    # Every model is held at once: the baseline, and each variant at each placement.
+    tables = [v for v in variants if v != "baseline"]
+    for placement in placements:
+        held = [variant_config(cfg, v, True) for v in tables]
+        if placement == placements[0]:
+            held.insert(0, variant_config(cfg, "baseline", True))
+        if held:
+            check_memory(held, device, training=False, batch=max(batches), seq_len=length,
+                         table_placement=placement,
+                         what=f"jtok bench decode ({len(held)} models, {placement} tables)")
+    result = decode_benchmark(
+        cfg, variants=variants, batches=batches, prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens, reps=args.reps, warmup=args.warmup, placements=placements,
+        device=device, threads=args.threads, compile_model=args.compile,
+        check_host=args.host_check, share=args.share, progress=not args.json,
+    )  # fmt: skip
+    _write(result, args, format_report)
     return 0
 
 
 def register(sub) -> None:
     bench = sub.add_parser(
         "bench",
-        help="training-step throughput of baseline vs JTok vs JTok-M",
-        description="Time full training steps (forward, backward, optimizer) of the same "
-        "backbone without modulation, with JTok and with JTok-M, interleaving the variants "
-        "over repetitions; report medians and ratios to the baseline. Token ids are drawn "
-        "from a Zipf law so deduplication sees text-like repetition. Sizes that cannot fit "
-        "in memory are refused before anything is allocated.",
+        help="training-step (default) or decode throughput of baseline vs JTok vs JTok-M",
+        description="`jtok bench [options]`: time full training steps (forward, backward, "
+        "optimizer) of the same backbone without modulation, with JTok and with JTok-M. "
+        "`jtok bench decode [options]`: time the prefill and the greedy decode loop (KV "
+        "cache, one token per row and step) at each --batches size, with the tables on "
+        "the model's device and in host memory. Variants are interleaved over repetitions; "
+        "medians and paired ratios to the baseline are reported. Token ids are drawn from "
+        "a Zipf law so deduplication sees text-like repetition. Sizes that cannot fit in "
+        "memory are refused before anything is allocated.",
     )
+    bench.add_argument("mode", nargs="?", choices=MODES, default="train",
+                       help="train (default): the training step; decode: prefill and decode")
     add_model_arguments(bench, default_preset="small")
     bench.add_argument("--variants", default="baseline,jtok,jtokm",
                        help="comma list of baseline, jtok, jtokm (default: all three)")
-    bench.add_argument("--batch", type=positive_int, default=8)
-    bench.add_argument("--seq-len", type=positive_int, default=256)
-    bench.add_argument("--steps", type=positive_int, default=5, help="timed steps per repetition")
     bench.add_argument("--reps", type=positive_int, default=5, help="interleaved repetitions")
-    bench.add_argument("--warmup", type=nonnegative_int, default=2,
-                       help="untimed steps per variant")
+    bench.add_argument("--warmup", type=nonnegative_int, default=None,
+                       help="untimed steps (train, default 2) or runs (decode, default 1) per "
+                       "variant")  # fmt: skip
     bench.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    bench.add_argument("--optimizer", choices=["adamw", "sparse"], default="sparse",
-                       help="adamw: AdamW on everything (dense table gradients); sparse: "
-                       "sparse table gradients updated row-wise by RowAdam (default: sparse)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--out", type=Path, help="also write the JSON result here (a file in "
                        "an existing folder)")  # fmt: skip
+    train = bench.add_argument_group("train mode")
+    train.add_argument("--batch", type=positive_int, default=None, help="sequences (default 8)")
+    train.add_argument("--seq-len", type=positive_int, default=None,
+                       help="tokens per sequence (default 256)")
+    train.add_argument("--steps", type=positive_int, default=None,
+                       help="timed steps per repetition (default 5)")
+    train.add_argument("--optimizer", choices=["adamw", "sparse"], default=None,
+                       help="adamw: AdamW on everything (dense table gradients); sparse: "
+                       "sparse table gradients updated row-wise by RowAdam (default: sparse)")
+    decode = bench.add_argument_group("decode mode")
+    decode.add_argument("--batches", default=None,
+                        help="comma list of batch sizes (default 1,16)")
+    decode.add_argument("--new-tokens", type=positive_int, default=None,
+                        help="decode steps per run (default 64)")
+    decode.add_argument("--prompt-len", type=positive_int, default=None,
+                        help="prompt tokens per row (default 32)")
+    decode.add_argument("--placements", default=None,
+                        help="comma list of device, host: where the tables live (default both)")
+    decode.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                        help="where the model runs (default auto: CUDA when available)")
+    decode.add_argument("--compile", action="store_const", const=True, default=None,
+                        help="torch.compile every model (dynamic shapes), baseline included")
+    decode.add_argument("--no-host-check", dest="host_check", action="store_const",
+                        const=False, default=None,
+                        help="skip the one-step training check of where host tables and "
+                        "their optimizer state live")  # fmt: skip
+    decode.add_argument("--no-share-backbone", dest="share", action="store_const",
+                        const=False, default=None,
+                        help="give every variant its own backbone copy (default: all decode "
+                        "with the baseline's backbone tensors, so that where two copies lie "
+                        "in memory does not move the ratios)")  # fmt: skip
     bench.set_defaults(handler=cmd_bench)

@@ -20,6 +20,7 @@ import torch
 from jtok.errors import JTokError
 from jtok.inference.sampling import choose_next, filter_logits
 from jtok.nn.model import JTokModel, KVCache
+from jtok.tables.keys import inverse_to
 
 __all__ = ["GenerationError", "filter_logits", "generate", "generate_batch"]
 
@@ -140,7 +141,7 @@ def _generate_rows(model: JTokModel, prompts: list[Sequence[int]], rows: list[in
         token_rows = None
         if host_fetch:  # start the gather now; the first table layer waits for it
             keys = store.key(next_ids)
-            keys.inverse_N = keys.inverse_N.to(device, non_blocking=True)
+            keys.inverse_N = inverse_to(keys.inverse_N, device)
             token_rows = store.consume(store.fetch(keys, device))
         if len(keep) < len(running):
             cache.select(torch.tensor(keep, device=device))

@@ -73,12 +73,13 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         logits_TE = F.linear(x_TD.float(), self.router.weight.float())
         bias = self.selection_bias if self.cfg.balance == "aux_free" else None
-        weights_TK, index_TK, probs_TE = route_topk(
-            logits_TE, self.cfg.top_k, self.cfg.score_func, self.cfg.renormalize, bias
-        )
         # The balance loss only trains the router: skipped where nothing is trained (eval,
         # decoding), as JTok-M's is, so a benchmark compares equals.
         train_router = self.cfg.balance == "aux_loss" and torch.is_grad_enabled()
+        weights_TK, index_TK, probs_TE = route_topk(
+            logits_TE, self.cfg.top_k, self.cfg.score_func, self.cfg.renormalize, bias,
+            need_probs=train_router,
+        )  # fmt: skip
         aux = balance_loss(probs_TE, index_TK) if train_router else None
 
         # Sort the (token, slot) pairs by expert so each expert sees one contiguous block.

@@ -16,27 +16,35 @@ def route_topk(
     score_func: str,
     renormalize: bool,
     selection_bias_E: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    need_probs: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Pick the top-k of E choices per row; all arithmetic in fp32.
 
     Returns ``(weights_TK, index_TK, probs_TE)``: the mixing weights of the chosen
     entries, their indices, and a distribution over all E choices per row (used by
-    `balance_loss`). With ``score_func="sigmoid"`` the distribution is the sigmoid scores
-    normalised to sum to 1, the same normalisation the weights get over the top-k.
+    `balance_loss`; None when not `need_probs`, e.g. in inference). With
+    ``score_func="sigmoid"`` the distribution is the sigmoid scores normalised to sum to 1,
+    the same normalisation the weights get over the top-k.
     ``selection_bias_E`` shifts which entries are chosen, never their weights
     (auxiliary-loss-free balancing, DeepSeek-V3).
     """
-    logits_TE = logits_TE.float()
+    if logits_TE.dtype != torch.float32:
+        logits_TE = logits_TE.float()
+    probs_TE = None
     if score_func == "sigmoid":
         scores_TE = torch.sigmoid(logits_TE)
-        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+        if need_probs:
+            probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
     elif score_func == "softmax":
         scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
     else:
         raise ValueError(f"unknown score function {score_func!r}")
-    selection_TE = scores_TE if selection_bias_E is None else scores_TE + selection_bias_E
-    index_TK = selection_TE.topk(k, dim=-1, sorted=False).indices
-    weights_TK = scores_TE.gather(-1, index_TK)
+    if selection_bias_E is None:
+        # topk's values are the chosen scores themselves: no gather needed.
+        weights_TK, index_TK = scores_TE.topk(k, dim=-1, sorted=False)
+    else:
+        index_TK = (scores_TE + selection_bias_E).topk(k, dim=-1, sorted=False).indices
+        weights_TK = scores_TE.gather(-1, index_TK)
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
     return weights_TK, index_TK, probs_TE

@@ -43,12 +43,130 @@ from torch import Tensor, nn
 
 from jtok.config import ModelConfig, TokModConfig
 from jtok.nn.routing import balance_loss, route_topk
+from jtok.tables.keys import is_identity
+from jtok.tables.store import OwnerMixedRows
+
+# Speed notes (issue 12). Decoding one token runs these layers on a handful of rows, where
+# each op costs its dispatch (a few microseconds on a CPU), not its arithmetic; training
+# runs them on thousands of rows, where each full-width pass over (N, d) costs its memory
+# traffic. So: Python scalars in ops are replaced by cached 0-dim tensors (a scalar is
+# wrapped and copied into a tensor on every call), index tensors that depend only on the
+# batch's shape are cached, no-op dtype casts are skipped, and the backward passes of Eq 10
+# and Eq 13 are hand-written with fewer full-width passes. The forward values are
+# bit-identical to the plain formulas (tests/test_tokmod.py checks both paths).
+
+_CACHE_LIMIT = 256  # entries per cache below; a cache that outgrows it starts afresh
+_constants: dict[tuple, Tensor] = {}
+_offsets: dict[tuple, Tensor] = {}
+_bag_start_memo: tuple = ()  # (inverse_N, its version, n, inverse_N * n): one per forward
+
+
+def _const(value: float, like: Tensor) -> Tensor:
+    """`value` as a cached 0-dim tensor of `like`'s dtype and device (same arithmetic as the
+    Python scalar, without a scalar-to-tensor copy on every call). Under torch.compile a
+    fresh one, which the compiler folds (a cache would be a side effect to trace)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(value, dtype=like.dtype, device=like.device)
+    key = (value, like.dtype, like.device)
+    found = _constants.get(key)
+    if found is None:
+        if len(_constants) >= _CACHE_LIMIT:
+            _constants.clear()
+        with torch.inference_mode(False):  # usable later in training, if made in inference
+            found = torch.tensor(value, dtype=like.dtype, device=like.device)
+        _constants[key] = found
+    return found
+
+
+def _fp32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _bag_offsets(n_bags: int, bag_size: int, device: torch.device) -> Tensor:
+    """embedding_bag offsets of `n_bags` bags of `bag_size` (what F.embedding_bag builds for
+    a 2-D input on every call), cached."""
+    if torch.compiler.is_compiling():
+        return torch.arange(0, n_bags * bag_size, bag_size, device=device)
+    key = (n_bags, bag_size, device)
+    found = _offsets.get(key)
+    if found is None:
+        if len(_offsets) >= _CACHE_LIMIT:
+            _offsets.clear()
+        with torch.inference_mode(False):  # embedding_bag's backward saves the offsets
+            found = torch.arange(0, n_bags * bag_size, bag_size, device=device)
+        _offsets[key] = found
+    return found
+
+
+def _bag_start(inverse_N: Tensor, n_tables: int) -> Tensor:
+    """inverse_N * n as (N, 1): row of position p's first table in a layer's (U*n, d) block.
+    The same for every layer of a forward (and, for decoding, where the key caches its
+    identity map, of every step), so it is computed once."""
+    global _bag_start_memo
+    if torch.compiler.is_compiling():
+        return inverse_N.unsqueeze(1) * n_tables
+    # An inference tensor has no version counter (and cannot be written into outside
+    # inference mode); any other inverse is recomputed if it was written into.
+    version = None if inverse_N.is_inference() else inverse_N._version
+    memo = _bag_start_memo  # one read: another thread may replace it meanwhile
+    if memo and memo[0] is inverse_N and memo[1] == version and memo[2] == n_tables:
+        return memo[3]
+    start_N1 = inverse_N.unsqueeze(1) * n_tables
+    _bag_start_memo = (inverse_N, version, n_tables, start_N1)
+    return start_N1
+
+
+def _router_logits(h_ND: Tensor, router_ED: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq 10 as (h R) * rstd(h): (logits_NE, (h R)_NE, rstd_N1).
+
+    RMSNorm(h) R = (h R) * rstd(h): normalising after the n_e-wide projection gives the
+    same logits with fewer full-width passes over h. The values are those of
+    rsqrt(h.square().mean(-1) + eps) exactly: vecdot(h, h) is square-then-sum, mean is
+    sum-then-divide, and addcdiv(eps, s, d) is s / d + eps, in fewer dispatches."""
+    d = h_ND.shape[-1]
+    # Out-of-place ops throughout: this also runs inside an autograd.Function's forward,
+    # which torch.compile traces only without in-place aliasing.
+    sumsq_N1 = torch.linalg.vecdot(h_ND, h_ND).unsqueeze(-1)
+    rstd_N1 = torch.rsqrt(torch.addcdiv(_const(eps, h_ND), sumsq_N1, _const(float(d), h_ND)))
+    z_NE = F.linear(h_ND, router_ED)
+    return z_NE * rstd_N1, z_NE, rstd_N1
+
+
+class _RouterLogits(torch.autograd.Function):
+    """Eq 10's logits with a hand-written backward.
+
+    Autograd's composition of square, mean, rsqrt, linear and mul makes about six
+    full-width passes over (N, d) in backward (the mean's expanded gradient, pow's, the
+    sum of two gradients of h); this makes three:
+        logits = z * rstd,  z = h R^T,  rstd = (|h|^2 / d + eps)^-1/2,  d rstd/dh = -rstd^3 h / d
+        dh = (g * rstd) R - (sum_e g z) rstd^3 / d * h;   dR = (g * rstd)^T h
+    """
+
+    @staticmethod
+    def forward(ctx, h_ND: Tensor, router_ED: Tensor, eps: float) -> Tensor:
+        logits_NE, z_NE, rstd_N1 = _router_logits(h_ND, router_ED, eps)
+        ctx.save_for_backward(h_ND, router_ED, z_NE, rstd_N1)
+        return logits_NE
+
+    @staticmethod
+    def backward(ctx, grad_NE: Tensor):
+        h_ND, router_ED, z_NE, rstd_N1 = ctx.saved_tensors
+        grad_z_NE = grad_NE * rstd_N1
+        grad_h = grad_router = None
+        if ctx.needs_input_grad[0]:
+            radial_N1 = torch.linalg.vecdot(grad_NE, z_NE).unsqueeze(-1)
+            radial_N1 = radial_N1.mul_(rstd_N1.pow(3)).div_(-h_ND.shape[-1])
+            grad_h = torch.mm(grad_z_NE, router_ED).addcmul_(h_ND, radial_N1)
+        if ctx.needs_input_grad[1]:
+            grad_router = torch.mm(grad_z_NE.t(), h_ND)
+        return grad_h, grad_router, None
 
 
 def _add_scaled_unit(base_ND: Tensor, e_ND: Tensor, s_D: Tensor, c: float, eps: float):
     """Eq 13's update: (base + s * c * e / (||e|| + eps), ||e||, c / (||e|| + eps))."""
     norm_N1 = torch.linalg.vector_norm(e_ND, dim=-1, keepdim=True)
-    coeff_N1 = c / (norm_N1 + eps)
+    # c / x is reciprocal(x) * c: the same values, spelled with cached constants.
+    coeff_N1 = torch.mul(torch.add(norm_N1, _const(eps, norm_N1)).reciprocal(), _const(c, norm_N1))
     return torch.addcmul(base_ND, e_ND * coeff_N1, s_D), norm_N1, coeff_N1
 
 
@@ -60,6 +178,7 @@ class _AddScaledUnit(torch.autograd.Function):
         u = c e / (n + eps),  n = ||e||
         d/de: c/(n+eps) * g_u - c/((n+eps)^2 n) * (g_u . e) * e,   with g_u = g * s
         d/ds: sum_rows g * u;  d/dbase: g
+    g * e serves both g_u . e (= (g * e) s) and d/ds, so e meets g once.
     """
 
     @staticmethod
@@ -71,19 +190,25 @@ class _AddScaledUnit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_ND: Tensor):
+        # Rows are the last dimension; any leading shape (N or B, T) is kept.
         e_ND, s_D, norm_N1, coeff_N1 = ctx.saved_tensors
-        grad_u_ND = grad_ND * s_D
-        dot_N1 = torch.linalg.vecdot(grad_u_ND, e_ND).unsqueeze(-1)
+        ge = grad_ND * e_ND  # the one full-width buffer this allocates
+        ge_MD = ge.view(-1, e_ND.shape[-1])
+        dot_N1 = torch.mv(ge_MD, s_D).view(coeff_N1.shape)  # (g * s) . e
+        grad_s = torch.mv(ge_MD.t(), coeff_N1.reshape(-1))
         # n > 0 in practice; the clamp keeps e = 0 (whose term is 0) free of 0/0.
         radial_N1 = coeff_N1 * dot_N1 / ((norm_N1 + ctx.eps) * norm_N1.clamp_min(1e-30))
-        grad_e = grad_u_ND.mul_(coeff_N1).sub_(e_ND * radial_N1)
-        grad_s = torch.mm(coeff_N1.T, grad_ND * e_ND).squeeze(0)
+        # g * s * c/(n+eps) - radial * e, written over g * e (no longer needed): on a CPU a
+        # fresh (N, d) buffer can cost more (page faults) than the pass that fills it.
+        grad_e = torch.mul(grad_ND, coeff_N1, out=ge).mul_(s_D).addcmul_(e_ND, radial_N1,
+                                                                          value=-1)  # fmt: skip
         return grad_ND, grad_e, grad_s, None, None
 
 
 def _unit(rows: Tensor, eps: float) -> Tensor:
     """L2 projection onto the unit sphere, ``x / (||x||_2 + eps)`` (Eq 7 / Eq 12)."""
-    return rows / (torch.linalg.vector_norm(rows, dim=-1, keepdim=True) + eps)
+    norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
+    return rows / torch.add(norm, _const(eps, norm))
 
 
 class JTok(nn.Module):
@@ -102,13 +227,18 @@ class JTok(nn.Module):
         self, h_in: Tensor, h_tilde: Tensor, m: Tensor, rows_U1D: Tensor, inverse_N: Tensor
     ) -> tuple[Tensor, Tensor | None]:
         # The gate depends on the token only, so it is computed once per distinct id.
-        u_UD = rows_U1D[:, 0].float()
+        u_UD = _fp32(rows_U1D[:, 0])
         if self.l2_normalize:
             u_UD = _unit(u_UD, self.eps)  # Eq 7
-        gate_UD = torch.addcmul(torch.ones_like(u_UD), self.scale.float(), u_UD)  # Eq 8
-        # F.embedding rather than gate_UD[inverse_N]: same values, and on CPU its backward
-        # (a row scatter-add) is several times faster than advanced indexing's.
-        gate = F.embedding(inverse_N, gate_UD).view_as(m).to(m.dtype)
+        gate_UD = torch.addcmul(_const(1.0, u_UD), _fp32(self.scale), u_UD)  # Eq 8
+        if is_identity(inverse_N):  # one row per position, in order (decoding): no gather
+            gate = gate_UD.view_as(m)
+        else:
+            # F.embedding rather than gate_UD[inverse_N]: same values, and on CPU its
+            # backward (a row scatter-add) is several times faster than advanced indexing's.
+            gate = F.embedding(inverse_N, gate_UD).view_as(m)
+        if gate.dtype != m.dtype:
+            gate = gate.to(m.dtype)
         return torch.addcmul(h_tilde, m, gate), None  # Eq 9: the skip path is untouched
 
 
@@ -141,41 +271,52 @@ class JTokM(nn.Module):
         self.router = nn.Parameter(torch.empty(tok.n_e, cfg.d_model))  # R_l, stored (n_e, d)
         self.scale = nn.Parameter(torch.empty(cfg.d_model))  # s_l
 
-    def route(self, h_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Eq 10-11 on the layer input, in fp32: (weights_NK, index_NK, probs_NE)."""
-        h_ND = h_in.reshape(-1, h_in.shape[-1]).float()
-        # RMSNorm(h) R = (h R) * rstd(h): normalising after the n_e-wide projection gives
-        # the same logits with fewer full-width passes (and backward passes) over h.
-        rstd_N1 = torch.rsqrt(h_ND.square().mean(-1, keepdim=True) + self.norm_eps)
-        logits_NE = F.linear(h_ND, self.router.float()) * rstd_N1  # Eq 10
-        return route_topk(logits_NE, self.top_k, score_func="sigmoid", renormalize=True)
+    def route(self, h_in: Tensor, need_probs: bool = True,
+              ) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+        """Eq 10-11 on the layer input, in fp32: (weights_NK, index_NK, probs_NE).
+
+        probs (for the balance loss) is None when not `need_probs`."""
+        h_ND = _fp32(h_in.reshape(-1, h_in.shape[-1]))
+        router = _fp32(self.router)
+        if torch.is_grad_enabled() and (h_ND.requires_grad or router.requires_grad):
+            logits_NE = _RouterLogits.apply(h_ND, router, self.norm_eps)  # Eq 10
+        else:
+            logits_NE = _router_logits(h_ND, router, self.norm_eps)[0]
+        return route_topk(logits_NE, self.top_k, score_func="sigmoid", renormalize=True,
+                          need_probs=need_probs)  # fmt: skip
 
     def forward(
         self, h_in: Tensor, h_tilde: Tensor, m: Tensor, rows_UnD: Tensor, inverse_N: Tensor
     ) -> tuple[Tensor, Tensor | None]:
-        weights_NK, index_NK, probs_NE = self.route(h_in)
-        # Eq 12 as one fused gather-and-weighted-sum: row inverse*n + i of the layer's
-        # (U*n, d) block is E_{l,i}[x]. embedding_bag never materialises the (N, K, d)
-        # gathered rows, and its backward is a single scatter-add.
-        n_tables = rows_UnD.shape[1]
-        e_ND = F.embedding_bag(
-            inverse_N.unsqueeze(1) * n_tables + index_NK,
-            rows_UnD.reshape(-1, rows_UnD.shape[-1]).float(),
-            per_sample_weights=weights_NK,
-            mode="sum",
-        )
-        base_ND = (h_tilde + m).reshape(e_ND.shape).float()
+        # The balance loss only trains the router: skipped where nothing is trained.
         grad = torch.is_grad_enabled()
+        weights_NK, index_NK, probs_NE = self.route(h_in, need_probs=grad)
+        if isinstance(rows_UnD, OwnerMixedRows):  # sharded store: Eq 12 done at the owners
+            e_ND = rows_UnD.mix(weights_NK, index_NK)
+        else:
+            # Eq 12 as one fused gather-and-weighted-sum: row inverse*n + i of the layer's
+            # (U*n, d) block is E_{l,i}[x]. embedding_bag never materialises the (N, K, d)
+            # gathered rows, and its backward is a single scatter-add. torch.embedding_bag
+            # is what F.embedding_bag calls, minus its argument checks and per-call offsets.
+            n_tables, width = rows_UnD.shape[1], rows_UnD.shape[-1]
+            bag_NK = _bag_start(inverse_N, n_tables) + index_NK
+            e_ND = torch.embedding_bag(
+                _fp32(rows_UnD.reshape(-1, width)), bag_NK.reshape(-1),
+                _bag_offsets(bag_NK.shape[0], bag_NK.shape[1], bag_NK.device),
+                False, 0, False, weights_NK.reshape(-1), False, None,
+            )[0]  # fmt: skip
+        # Eq 13 row by row, in the (B, T, d) layout of h~ and m (one view, of e, not two).
+        base = _fp32(h_tilde + m)
+        e = e_ND.view(base.shape)
         if self.l2_normalize:
             # Eq 13: h' = h~ + m + s * e / (||e|| + eps) / sqrt(2 N_l). Without autograd
             # (eval, decoding) the same forward runs without the Function's bookkeeping,
             # which is most of this layer's cost for one token.
-            scale = self.scale.float()
-            h_out = (_AddScaledUnit.apply(base_ND, e_ND, scale, self.residual_factor, self.eps)
-                     if grad else _add_scaled_unit(base_ND, e_ND, scale, self.residual_factor,
+            scale = _fp32(self.scale)
+            h_out = (_AddScaledUnit.apply(base, e, scale, self.residual_factor, self.eps)
+                     if grad else _add_scaled_unit(base, e, scale, self.residual_factor,
                                                    self.eps)[0])  # fmt: skip
         else:  # ablation: the raw mixture, scaled
-            h_out = base_ND + self.residual_factor * e_ND * self.scale.float()
-        # The balance loss only trains the router: skipped where nothing is trained.
+            h_out = base + self.residual_factor * e * self.scale.float()
         aux = balance_loss(probs_NE, index_NK) if grad else None
-        return h_out.view_as(m).to(h_tilde.dtype), aux
+        return (h_out if h_out.dtype == h_tilde.dtype else h_out.to(h_tilde.dtype)), aux

@@ -42,7 +42,8 @@ class TokenRows:
     """The table rows a batch needs, gathered once for every layer.
 
     ``layers[i]`` has shape (U, tables_per_layer, d) for the i-th table-carrying layer;
-    position p of the flattened batch reads row ``inverse_N[p]``.
+    position p of the flattened batch reads row ``inverse_N[p]``. (On the sharded store's
+    pre-mixed path each is an `OwnerMixedRows` instead: the rows stay with their owners.)
     """
 
     layers: tuple[Tensor, ...]
@@ -66,6 +67,16 @@ class LazyTokenRows:
         if self._layers is None:
             self._layers = self._resolve()
         return self._layers
+
+
+class OwnerMixedRows:
+    """A layer's JTok-M rows left where they live, in place of its (U, n, d) block: the
+    sharded store's pre-mixed path (jtok.tables.sharded_premix). JTokM calls `mix` with its
+    routing instead of mixing gathered rows itself."""
+
+    def mix(self, weights_NK: Tensor, index_NK: Tensor) -> Tensor:
+        """Eq 12 per position: e_ND = sum_k weights_NK[:, k] E_{l, index_NK[:, k]}[x]."""
+        raise NotImplementedError
 
 
 class _TableLayout:

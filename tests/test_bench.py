@@ -1,0 +1,118 @@
+"""`jtok bench decode`: the decode benchmark's loop, its JSON contract and its CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny
+
+from jtok.bench.decode import _build, check_host_placement, decode_benchmark, decode_once
+from jtok.bench.train_step import variant_config
+from jtok.cli import main
+from jtok.inference.generate import generate_batch
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+@pytest.mark.parametrize("variant", ["baseline", "jtok", "jtokm"])
+def test_decode_loop_chooses_what_generate_batch_chooses(variant, placement):
+    # The benchmark's lean loop does generate_batch's work step for step (greedy).
+    config = _build(tiny(), variant, None if variant == "baseline" else placement,
+                    torch.device("cpu"), compile_model=False)  # fmt: skip
+    prompts = torch.randint(0, 512, (3, 5), generator=torch.Generator().manual_seed(0))
+    _, _, _, ids = decode_once(config, prompts, 6, torch.device("cpu"))
+    assert [len(row) for row in ids] == [7, 7, 7]  # the prefill's choice + 6 steps
+    assert ids == generate_batch(config.model, prompts.tolist(), 7)
+
+
+def test_decode_benchmark_json_has_the_contract_fields(capsys):
+    argv = ["bench", "decode", "--preset", "tiny", "--batches", "1,2", "--new-tokens", "3",
+            "--prompt-len", "4", "--reps", "2", "--warmup", "0", "--threads", "1", "--json"]
+    code, out, _ = run(argv, capsys)
+    assert code == 0
+    result = json.loads(out)  # one JSON object
+    assert result["benchmark"] == "decode" and result["batches"] == [1, 2]
+    assert result["placements"] == ["device", "host"]
+    assert set(result["variants"]) == {"baseline", "jtok", "jtokm"}
+    for name, variant in result["variants"].items():
+        for placement in ("device", "host"):
+            for batch in ("1", "2"):
+                row = variant[placement][batch]
+                assert row["tokens_per_s"] > 0 and math.isfinite(row["tokens_per_s"])
+                assert row["ratio_to_baseline"] > 0 and math.isfinite(row["ratio_to_baseline"])
+                assert row["prefill_ms"] > 0 and len(row["decode_ms_per_step_all"]) == 2
+                if name == "baseline":
+                    assert row["ratio_to_baseline"] == 1.0 and row["table_device"] is None
+                else:
+                    assert row["table_device"] == "cpu" and row["table_bytes"] > 0
+                assert row["cuda_peak_allocated_bytes"] is None  # CPU run
+    check = result["host_placement_check"]
+    assert check["ok"] and check["table_device"] == "cpu"
+    assert check["table_optimizer_state_devices"] == ["cpu"]  # RowAdam's m and v
+    assert not check["table_registered_on_model"]
+    assert result["host_memory_end"]["rss_bytes"] > 0
+
+
+def test_decode_benchmark_subsets_and_text_report(capsys):
+    code, out, _ = run(["bench", "decode", "--preset", "tiny", "--variants", "jtokm",
+                        "--placements", "host", "--batches", "2", "--new-tokens", "2",
+                        "--prompt-len", "3", "--reps", "1", "--no-host-check"], capsys)  # fmt: skip
+    assert code == 0
+    assert "host" in out and "jtokm" in out and "baseline" in out  # the baseline always runs
+    assert "host placement:" not in out  # the check was skipped
+    result = decode_benchmark(tiny(), ["jtok"], [1], prompt_len=3, new_tokens=2, reps=1,
+                              warmup=0, placements=["device"], check_host=True)  # fmt: skip
+    assert "device" in result["variants"]["jtok"] and "host" not in result["variants"]["jtok"]
+    assert result["host_placement_check"] is None  # no host tables in this run
+
+
+def test_host_placement_check_reports_where_tables_and_state_live():
+    report = check_host_placement(variant_config(tiny(), "jtokm", True), torch.device("cpu"),
+                                  strict=True)  # fmt: skip
+    assert report["ok"] and report["table_device"] == "cpu"
+    assert report["table_and_state_bytes"] >= 3 * 2 * 512 * 5 * 64 * 4  # table, m, v (fp32)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["decode", "--steps", "2"], "--steps applies to `jtok bench (train)`"),
+        (["decode", "--batch", "2"], "--batch applies to `jtok bench (train)`"),
+        (["--batches", "1"], "--batches applies to `jtok bench decode`"),
+        (["train", "--new-tokens", "4"], "--new-tokens applies to `jtok bench decode`"),
+        (["decode", "--batches", "1,x"], "--batches: expected positive integers"),
+        (["decode", "--batches", "0"], "--batches: expected positive integers"),
+        (["decode", "--placements", "gpu"], "--placements: name one or both of device, host"),
+        (["decode", "--prompt-len", "100", "--new-tokens", "64"],
+         "--prompt-len 100 + --new-tokens 64 = 164 exceeds max_seq_len 128"),
+        (["decode", "--new-tokens", "0"], "argument --new-tokens: expected a positive integer"),
+        (["sideways"], "invalid choice: 'sideways'"),
+    ],
+)
+def test_bench_modes_refuse_the_other_modes_options(args, message, capsys, monkeypatch):
+    import jtok.bench.decode as decode
+    import jtok.bench.train_step as train_step
+
+    def refuse(*a, **k):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(decode, "decode_benchmark", refuse)
+    monkeypatch.setattr(train_step, "train_step_benchmark", refuse)
+    code, _, err = run(["bench", *args, "--preset", "tiny"], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_mode_is_the_default_and_can_be_named(capsys):
+    argv = ["--preset", "tiny", "--batch", "2", "--seq-len", "8", "--steps", "1", "--reps", "1",
+            "--warmup", "0", "--variants", "jtokm", "--json"]
+    for prefix in ([], ["train"]):
+        code, out, _ = run(["bench", *prefix, *argv], capsys)
+        assert code == 0
+        result = json.loads(out)
+        assert result["optimizer"] == "sparse" and set(result["variants"]) == {"baseline", "jtokm"}
