@@ -30,14 +30,15 @@ CASES = [
     ("sharded-moe-jtok-fsdp", "tiny-moe", "jtok", "fsdp", 2, "sharded", "auto"),
 ]
 WORLD = 2
-# Four processes (one launch of small runs): the sharded JTok-M store on both paths; the
-# pre-mixed run's step-2 checkpoint then resumes on two processes (in the 2-process launch).
+# Four processes (one launch of small runs): the sharded JTok-M store on both paths, and a
+# 2-process run's checkpoint resumed on four; the 4-process checkpoint resumes on one.
 CASES_4 = [
     ("sharded4-dense-jtokm-premixed", "tiny", "jtokm", "ddp", 1, "sharded", "premixed"),
     ("sharded4-moe-jtokm-raw-fsdp", "tiny-moe", "jtokm", "fsdp", 1, "sharded", "raw"),
 ]
 WORLD_4 = 4
-RESUMED_ON_2 = "resumed-on-2-" + CASES_4[0][0]
+RESHARDED = "sharded-moe-jtok-fsdp"  # its 2-process checkpoint resumes on 4 processes
+RESUMED_ON_4 = "resumed-on-4-" + RESHARDED
 
 
 def case_config(tiny_data, preset_name, kind, parallel, grad_accum, placement="device"):
@@ -88,31 +89,33 @@ def case_jobs(tiny_data, root: Path, cases) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def four_process_runs(tiny_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("parallel4")
-    launch(WORLD_4, [*case_jobs(tiny_data, root, CASES_4), {"paths": str(root / "paths")}])
-    return root
-
-
-@pytest.fixture(scope="module")
-def parallel_runs(tiny_data, tmp_path_factory, four_process_runs):
+def parallel_runs(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     jobs = case_jobs(tiny_data, root, CASES)
     # Exact resume at an equal world size: the FSDP2 + sharded run again from its step-2
     # (distributed) checkpoint, after the uninterrupted one.
-    source = next(j for j in jobs if j["out"].endswith("sharded-moe-jtok-fsdp"))
-    jobs.append({**source, "out": str(root / "resumed-sharded-moe-jtok-fsdp"), "resume": True,
+    source = next(j for j in jobs if j["out"].endswith(RESHARDED))
+    jobs.append({**source, "out": str(root / f"resumed-{RESHARDED}"), "resume": True,
                  "copy_from": source["out"], "drop": "step_00000004"})
-    # Resharding: the 4-process run's step-2 checkpoint (DCP: blocks of 1/4 of the rows and
-    # of their RowAdam state) continued by 2 processes with twice the micro-batches each.
-    name, preset_name, kind, parallel, accum, placement, path = CASES_4[0]
-    cfg = case_config(tiny_data, preset_name, kind, parallel, accum * WORLD_4 // WORLD,
-                      placement)  # fmt: skip
-    jobs.append({"config": cfg.to_dict(), "out": str(root / RESUMED_ON_2), "resume": True,
-                 "copy_from": str(four_process_runs / name), "drop": "step_00000004",
-                 "allow_changes": ["train.grad_accum"], "exchange_path": path})  # fmt: skip
     jobs.append({"paths": str(root / "paths")})
     launch(WORLD, jobs)
+    return root
+
+
+@pytest.fixture(scope="module")
+def four_process_runs(tiny_data, tmp_path_factory, parallel_runs):
+    root = tmp_path_factory.mktemp("parallel4")
+    jobs = [*case_jobs(tiny_data, root, CASES_4), {"paths": str(root / "paths")}]
+    # Resharding up: the 2-process run's step-2 checkpoint (DCP: blocks of 1/2 of the rows
+    # and of their RowAdam state) continued by 4 processes with half the micro-batches each.
+    case = next(c for c in CASES if c[0] == RESHARDED)
+    name, preset_name, kind, parallel, accum, placement, path = case
+    cfg = case_config(tiny_data, preset_name, kind, parallel, accum * WORLD // WORLD_4,
+                      placement)  # fmt: skip
+    jobs.append({"config": cfg.to_dict(), "out": str(root / RESUMED_ON_4), "resume": True,
+                 "copy_from": str(parallel_runs / name), "drop": "step_00000004",
+                 "allow_changes": ["train.grad_accum"], "exchange_path": path})  # fmt: skip
+    launch(WORLD_4, jobs)
     return root
 
 
@@ -136,21 +139,36 @@ def test_parallel_run_equals_one_process_with_the_same_micro_batches(
 
 
 def test_a_distributed_resume_at_the_same_world_size_is_exact(parallel_runs):
-    full = dict(losses(parallel_runs / "sharded-moe-jtok-fsdp"))
-    resumed = dict(losses(parallel_runs / "resumed-sharded-moe-jtok-fsdp"))
+    full = dict(losses(parallel_runs / RESHARDED))
+    resumed = dict(losses(parallel_runs / f"resumed-{RESHARDED}"))
     assert resumed[3] == full[3] and resumed[4] == full[4]  # bit for bit on CPU
 
 
-def test_a_four_process_checkpoint_resumes_on_two_processes(parallel_runs, four_process_runs):
-    name = CASES_4[0][0]
-    resumed = dict(losses(parallel_runs / RESUMED_ON_2))
-    original = dict(losses(four_process_runs / name))
+def test_a_two_process_checkpoint_resumes_on_four_processes(parallel_runs, four_process_runs):
+    resumed = dict(losses(four_process_runs / RESUMED_ON_4))
+    original = dict(losses(parallel_runs / RESHARDED))
     assert sorted(resumed) == [1, 2, 3, 4]  # steps 1-2 from the copied log, 3-4 resumed
     for step in (3, 4):
         assert resumed[step] == pytest.approx(original[step], rel=1e-5)
-    cfg, final, _ = load_run(parallel_runs / RESUMED_ON_2)
-    assert_weights_close(load_run(four_process_runs / name)[1].state_dict(),
+    cfg, final, _ = load_run(four_process_runs / RESUMED_ON_4)
+    assert_weights_close(load_run(parallel_runs / RESHARDED)[1].state_dict(),
                          final.state_dict(), cfg.train)  # fmt: skip
+
+
+def test_a_four_process_checkpoint_resumes_on_one_process(four_process_runs, tiny_data,
+                                                          tmp_path):  # fmt: skip
+    import shutil
+
+    name, preset_name, kind, parallel, accum, placement, _ = CASES_4[0]
+    resumed = tmp_path / "resumed-on-1"
+    shutil.copytree(four_process_runs / name, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    cfg = case_config(tiny_data, preset_name, kind, parallel, accum * WORLD_4, placement)
+    train(cfg, resumed, resume=True, allow_changes={"train.grad_accum"}, progress=False,
+          log=lambda m: None)  # fmt: skip
+    got, original = dict(losses(resumed)), dict(losses(four_process_runs / name))
+    for step in (3, 4):
+        assert got[step] == pytest.approx(original[step], rel=1e-5)
 
 
 @pytest.mark.parametrize("world,name", [(WORLD, "sharded-dense-jtokm"),
