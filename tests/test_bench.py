@@ -93,6 +93,8 @@ def test_host_placement_check_reports_where_tables_and_state_live():
          "--prompt-len 100 + --new-tokens 64 = 164 exceeds max_seq_len 128"),
         (["decode", "--new-tokens", "0"], "argument --new-tokens: expected a positive integer"),
         (["sideways"], "invalid choice: 'sideways'"),
+        (["--placements", "host", "--optimizer", "adamw", "--seq-len", "64"],
+         "host tables train with sparse"),
     ],
 )
 def test_bench_modes_refuse_the_other_modes_options(args, message, capsys, monkeypatch):
@@ -116,3 +118,42 @@ def test_train_mode_is_the_default_and_can_be_named(capsys):
         assert code == 0
         result = json.loads(out)
         assert result["optimizer"] == "sparse" and set(result["variants"]) == {"baseline", "jtokm"}
+
+
+def test_train_mode_times_host_tables_as_the_trainer_steps_them(capsys):
+    argv = ["bench", "--preset", "tiny", "--batch", "2", "--seq-len", "8", "--steps", "2",
+            "--reps", "1", "--warmup", "1", "--variants", "jtokm", "--placements",
+            "device,host", "--json"]  # fmt: skip
+    code, out, _ = run(argv, capsys)
+    assert code == 0
+    variants = json.loads(out)["variants"]
+    assert set(variants) == {"baseline", "jtokm", "jtokm/host"}
+    assert variants["jtokm/host"]["table_placement"] == "host"
+    assert variants["jtokm"]["table_placement"] == "device"
+    assert variants["baseline"]["table_placement"] is None
+    assert variants["jtokm/host"]["ratio_to_baseline"] > 0
+
+
+def test_host_table_steps_train_like_device_steps():
+    """The benchmark's host stepping (prefetch ahead, pull, locked RowAdam step) gives the
+    device store's losses: the prefetch never reads a row before the step that updates it."""
+    from jtok.bench.train_step import HostTableSteps, train_step, zipf_token_batches
+    from jtok.config import TrainConfig
+    from jtok.nn.model import build_model
+    from jtok.presets import preset
+    from jtok.training.optim import Optimizers
+
+    cfg = variant_config(preset("tiny"), "jtokm", sparse_grad=True)
+    batches = zipf_token_batches(cfg.vocab_size, 2, 16, n_batches=3)
+    losses = {}
+    for placement in ("device", "host"):
+        torch.manual_seed(0)
+        model = build_model(cfg, seed=0, table_placement=placement).train()
+        opts = Optimizers(model, TrainConfig(lr=1e-2, table_lr_mult=30))
+        if placement == "host":
+            steps = HostTableSteps(model, opts, batches)
+            losses[placement] = [steps.step() for _ in range(5)]
+        else:
+            losses[placement] = [train_step(model, opts, batches[i % 3]) for i in range(5)]
+    assert losses["host"] == pytest.approx(losses["device"], rel=1e-5)
+    assert losses["device"][-1] < losses["device"][0]

@@ -6,11 +6,18 @@ the median over repetitions of each variant's step time divided by the baseline'
 the same repetition. Both wall time and the process's CPU time are recorded: CPU time
 is not inflated when another process takes the cores, so its ratio is the steadier one
 on a busy machine (with one thread it is the cleanest measure of work done).
+
+With ``placements`` including "host", JTok and JTok-M are also timed with their tables in
+host memory (jtok.tables.host), stepped as the trainer steps them: the next batch's rows
+are gathered on the store's background thread while this step computes, the rows'
+gradients are pulled to the host after backward, and RowAdam steps them under the store's
+lock. Those configurations are named "jtok/host" and "jtokm/host".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import platform
 import statistics
 import sys
@@ -60,32 +67,82 @@ def train_step(model, optimizers: Optimizers, batch_ids: torch.Tensor) -> float:
     return loss.item()
 
 
+def _ignore_ids(step, batch_ids: torch.Tensor) -> float:
+    return step()
+
+
+class HostTableSteps:
+    """Training steps of a host-table model in the trainer's order (jtok.training.loop):
+    rows of step i + 1 requested before step i computes; gradients pulled after backward;
+    the row optimizer steps under the store's lock, then the rows it changed are re-read
+    for any gather already made (so the prefetch never changes a result)."""
+
+    def __init__(self, model, optimizers: Optimizers, batches: list[torch.Tensor]):
+        self.model, self.optimizers, self.batches = model, optimizers, batches
+        self.store = model.token_tables
+        self.next = 0
+        self.pending = self._fetch(0)
+
+    def _fetch(self, index: int):
+        ids = self.batches[index % len(self.batches)][:, :-1]
+        return self.store.fetch(self.store.key(ids), ids.device)
+
+    def step(self) -> float:
+        batch_ids = self.batches[self.next % len(self.batches)]
+        token_rows = self.store.consume(self.pending)
+        self.next += 1
+        self.pending = self._fetch(self.next)  # overlaps this step's compute
+        inputs, targets = batch_ids[:, :-1], batch_ids[:, 1:]
+        out = self.model(inputs, token_rows=token_rows)
+        loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten()) + out.aux_loss
+        loss.backward()
+        pulled = self.store.pull_gradients()
+        with self.store.step_lock():
+            self.optimizers.step()
+        self.store.after_step(pulled)
+        self.optimizers.zero_grad()
+        return loss.item()
+
+
 def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_len: int,
                          steps: int, reps: int, warmup: int = 2, threads: int | None = None,
-                         optimizer: str = "adamw", progress: bool = False) -> dict:  # fmt: skip
+                         optimizer: str = "adamw", progress: bool = False,
+                         placements: tuple[str, ...] = ("device",)) -> dict:  # fmt: skip
     if threads is not None:
         torch.set_num_threads(threads)
     if "baseline" not in variants:
         variants = ["baseline", *variants]
+    if "host" in placements and optimizer != "sparse":
+        raise ValueError("host tables train with sparse gradients and RowAdam only")
     batches = zipf_token_batches(cfg.vocab_size, batch, seq_len, n_batches=4)
     runs = {}
-    for variant in variants:
+    configs = [(v, "device") for v in variants if "device" in placements or v == "baseline"]
+    configs += [(v, "host") for v in variants if v != "baseline" and "host" in placements]
+    for variant, placement in configs:
+        name = variant if placement == "device" else f"{variant}/{placement}"
         vcfg = variant_config(cfg, variant, sparse_grad=optimizer == "sparse")
-        model = build_model(vcfg, seed=0).train()
+        model = build_model(vcfg, seed=0, table_placement=placement).train()
         # The trainer's optimizer roles: AdamW by role, RowAdam for sparse-gradient tables.
-        runs[variant] = (vcfg, model, Optimizers(model, TrainConfig(lr=1e-3)))
+        opts = Optimizers(model, TrainConfig(lr=1e-3))
+        if placement == "host":  # its own batch order (it prefetches ahead): ids ignored
+            host_steps = HostTableSteps(model, opts, batches)
+            steps_of = functools.partial(_ignore_ids, host_steps.step)
+        else:
+            steps_of = functools.partial(train_step, model, opts)
+        runs[name] = (vcfg, steps_of, placement)
         for i in range(warmup):
-            train_step(model, runs[variant][2], batches[i % len(batches)])
+            steps_of(batches[i % len(batches)])
+    variants = list(runs)
 
     times: dict[str, list[float]] = {v: [] for v in variants}
     cpu_times: dict[str, list[float]] = {v: [] for v in variants}
     for rep in range(reps):
         order = variants[rep % len(variants):] + variants[: rep % len(variants)]
         for variant in order:
-            _, model, opts = runs[variant]
+            run_step = runs[variant][1]
             start, start_cpu = time.perf_counter(), time.process_time()
             for step in range(steps):
-                train_step(model, opts, batches[step % len(batches)])
+                run_step(batches[step % len(batches)])
             times[variant].append((time.perf_counter() - start) / steps)
             cpu_times[variant].append((time.process_time() - start_cpu) / steps)
         if progress:
@@ -111,6 +168,7 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
         info = summarize(vcfg, seq_len)
         result["variants"][variant] = {
             "tokmod": vcfg.tokmod.kind,
+            "table_placement": runs[variant][2] if vcfg.tokmod.enabled else None,
             "backbone_params": info["backbone_params"],
             "token_params": info["token_params"],
             "step_ms_median": step_s * 1e3,

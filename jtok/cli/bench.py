@@ -23,9 +23,10 @@ MODES = ("train", "decode")
 # mode, they are refused rather than silently ignored).
 TRAIN_ONLY = {"batch": 8, "seq_len": 256, "steps": 5, "optimizer": "sparse"}
 DECODE_ONLY = {"batches": "1,16", "new_tokens": 64, "prompt_len": 32,
-               "placements": "device,host", "device": "auto", "compile": False,
+               "device": "auto", "compile": False,
                "host_check": True, "share": True}  # fmt: skip
 WARMUP = {"train": 2, "decode": 1}
+PLACEMENTS_DEFAULT = {"train": "device", "decode": "device,host"}
 
 
 def parse_variants(text: str) -> list[str]:
@@ -77,6 +78,8 @@ def _apply_mode_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, default)
     if args.warmup is None:
         args.warmup = WARMUP[args.mode]
+    if args.placements is None:
+        args.placements = PLACEMENTS_DEFAULT[args.mode]
 
 
 def _write(result: dict, args: argparse.Namespace, report) -> None:
@@ -107,15 +110,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len {cfg.max_seq_len}")
     from jtok.bench.train_step import format_report, train_step_benchmark, variant_config
 
-    # Every variant's model and optimizer are held at once, on the CPU.
+    placements = parse_placements(args.placements)
     sparse = args.optimizer == "sparse"
+    if "host" in placements and not sparse:
+        raise UsageError("--placements host: host tables train with sparse gradients and "
+                         "RowAdam (--optimizer sparse)")  # fmt: skip
+    # Every configuration's model and optimizer are held at once, on the CPU.
     held = [variant_config(cfg, v, sparse) for v in dict.fromkeys(["baseline", *variants])]
+    held += [variant_config(cfg, v, sparse) for v in variants
+             if v != "baseline" and len(placements) == 2]  # fmt: skip
     check_memory(held, "cpu", training=True, batch=args.batch, seq_len=args.seq_len,
-                 what=f"jtok bench ({len(held)} variants)")  # fmt: skip
+                 what=f"jtok bench ({len(held)} configurations)")  # fmt: skip
     result = train_step_benchmark(
         cfg, variants=variants, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
         reps=args.reps, warmup=args.warmup, threads=args.threads, optimizer=args.optimizer,
-        progress=not args.json,
+        progress=not args.json, placements=tuple(placements),
     )  # fmt: skip
     _write(result, args, format_report)
     return 0
@@ -179,6 +188,9 @@ def register(sub) -> None:
                        help="untimed steps (train, default 2) or runs (decode, default 1) per "
                        "variant")  # fmt: skip
     bench.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    bench.add_argument("--placements", default=None,
+                       help="comma list of device, host: where the tables live (default: "
+                       "device for the training step, both for decode)")  # fmt: skip
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--out", type=Path, help="also write the JSON result here (a file in "
                        "an existing folder)")  # fmt: skip
@@ -198,8 +210,6 @@ def register(sub) -> None:
                         help="decode steps per run (default 64)")
     decode.add_argument("--prompt-len", type=positive_int, default=None,
                         help="prompt tokens per row (default 32)")
-    decode.add_argument("--placements", default=None,
-                        help="comma list of device, host: where the tables live (default both)")
     decode.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                         help="where the model runs (default auto: CUDA when available)")
     decode.add_argument("--compile", action="store_const", const=True, default=None,
