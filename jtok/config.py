@@ -305,6 +305,14 @@ class TrainConfig(_ConfigBase):
     # x100 2.8% / 6.2% / 8.1% better. x100 is not yet the default: one seed, one short budget.
     table_lr_mult: float = 30.0
     table_weight_decay: float = 0.0
+    # Retrofits only (jtok train --init-from-hf; jtok.hf.retrofit). freeze_backbone: train
+    # the tables, routers and scales, not the HF model's own weights. scale_lr_mult: the lr
+    # multiplier of the retrofit's scales s (role "scale"; a native model's scales are
+    # "norm"). s starts at 0 (outputs unchanged) and the tables learn only as fast as s
+    # grows: at 30 x lr a retrofit catches up with the native init within ~100 steps, at
+    # 1 x lr it is far behind after 300 (benchmarks/results/retrofit_warmstart_seed*.json).
+    freeze_backbone: bool = False
+    scale_lr_mult: float = 30.0
     eval_every: int = 200  # steps between validations (and at the end); 0: only at the end
     eval_tokens: int = 131072  # validation tokens per evaluation
     save_every: int = 200  # steps between checkpoints (and at the end)
@@ -345,7 +353,8 @@ class TrainConfig(_ConfigBase):
         for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip",
                      "table_weight_decay", "adam_eps"):  # fmt: skip
             _require(getattr(self, name) >= 0, prefix + name, "must be >= 0")
-        for name in ("embed_lr_mult", "norm_lr_mult", "router_lr_mult", "table_lr_mult"):
+        for name in ("embed_lr_mult", "norm_lr_mult", "router_lr_mult", "table_lr_mult",
+                     "scale_lr_mult"):  # fmt: skip
             _require(getattr(self, name) >= 0, prefix + name, "must be >= 0")
         _require(0 < self.decay_fraction <= 1, prefix + "decay_fraction", "must be in (0, 1]")
         _require(0 <= self.min_lr_ratio <= 1, prefix + "min_lr_ratio", "must be in [0, 1]")

@@ -255,7 +255,7 @@ def test_bench_refuses_sizes_that_cannot_fit_before_allocating(monkeypatch, no_b
 
     monkeypatch.setattr(resources, "available_memory", lambda device: 10 * 2**20)  # 10 MiB
     err = one_line_error([*BENCH, "--batch", "64"], capsys,
-                         "jtok bench (3 variants) needs at least", "but cpu has 10.0 MiB "
+                         "jtok bench (3 configurations) needs at least", "but cpu has 10.0 MiB "
                          "available")  # fmt: skip
     assert "params " in err and "optimizer " in err and "activations " in err
     monkeypatch.setenv("JTOK_NO_MEMORY_CHECK", "1")  # the escape hatch skips the check

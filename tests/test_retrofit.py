@@ -298,7 +298,7 @@ def test_frozen_backbone_training_changes_only_tables_routers_scales(family, kin
     roles = {name: role for name, _, role in parameter_roles(model)}
     expected_roles = {"jtok_retrofit.tables.weight": "table"}
     for i in range(LAYERS):
-        expected_roles[f"jtok_retrofit.mixers.{i}.scale"] = "norm"
+        expected_roles[f"jtok_retrofit.mixers.{i}.scale"] = "scale"  # train.scale_lr_mult
         if kind == "jtokm":
             expected_roles[f"jtok_retrofit.mixers.{i}.router"] = "router"
     assert roles == expected_roles

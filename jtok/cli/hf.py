@@ -20,7 +20,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise UsageError(str(err).splitlines()[0] if str(err) else repr(err)) from None
     from jtok.hf.export import check_out_dir, export_run
+    from jtok.run.rundir import is_retrofit, saved_run_config
 
+    if is_retrofit(saved_run_config(args.run)):  # jtok train --init-from-hf
+        from jtok.hf.retrofit_export import export_retrofit_run
+
+        step = export_retrofit_run(args.run, args.out, args.checkpoint, overwrite=args.overwrite)
+        print(f"exported {args.run} (step {step}) to {args.out}: load it with "
+              "jtok.load_retrofit (AutoModelForCausalLM.from_pretrained loads the backbone "
+              "alone)")  # fmt: skip
+        return 0
     check_out_dir(args.out, args.overwrite)
     step = export_run(args.run, args.out, args.checkpoint, overwrite=args.overwrite)
     print(f"exported {args.run} (step {step}) to {args.out}: load it with "

@@ -17,6 +17,9 @@ def resolve_run_config(args: argparse.Namespace):
     from jtok.config import RunConfig
     from jtok.run.rundir import saved_run_config
 
+    init_from_hf = getattr(args, "init_from_hf", None)
+    if init_from_hf is not None:
+        return _retrofit_run_config(args)
     overrides = {run_override_key(k): v for k, v in parse_overrides(args.overrides).items()}
     if args.data is not None:
         overrides["train.data"] = str(args.data)
@@ -40,6 +43,28 @@ def resolve_run_config(args: argparse.Namespace):
             model = model.with_overrides({"vocab_size": _data_vocab(overrides["train.data"])})
         base = RunConfig(model=model, train=_train_for(model.to_dict()))
     return base.with_overrides(overrides)
+
+
+def _retrofit_run_config(args: argparse.Namespace):
+    """The record of a new run that retrofits the HF model in --init-from-hf."""
+    if args.resume:
+        raise UsageError("--resume continues the run's saved record; drop --init-from-hf")
+    if args.config is not None or args.preset_given:
+        raise UsageError("--init-from-hf takes the model from its directory; drop "
+                         "--preset/--config")  # fmt: skip
+    if args.allow_change:
+        raise UsageError("--allow-change applies to --resume only")
+    overrides = {}
+    for key, value in parse_overrides(args.overrides).items():
+        head = key.split(".", 1)[0]
+        overrides[key if head in ("model", "train", "tokmod") else run_override_key(key)] = value
+    if args.data is not None:
+        overrides["train.data"] = str(args.data)
+    try:
+        from jtok.hf.retrofit_run import init_run_config
+    except ImportError as err:
+        raise UsageError(f"--init-from-hf: {str(err).splitlines()[0]}") from None
+    return init_run_config(args.init_from_hf, overrides)
 
 
 def _data_vocab(data_dir: str) -> int:
@@ -191,6 +216,12 @@ def register(sub) -> None:
     )
     add_model_arguments(tr, default_preset=None)
     tr.add_argument("--data", type=Path, help="prepared data directory (sets train.data)")
+    tr.add_argument("--init-from-hf", type=Path, metavar="DIR",
+                    help="continue pretraining a local Hugging Face Llama / Qwen2 / Qwen3 / "
+                    "Mistral directory with JTok or JTok-M tables: --set tokmod.kind=jtok|jtokm "
+                    "(tokmod.n_e, top_k, layers, ...; train.freeze_backbone=true trains only "
+                    "the tables, routers and scales). The data's vocabulary must be the "
+                    "model's")  # fmt: skip
     tr.add_argument("--out", type=Path, required=True, help="run directory")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out")
     tr.add_argument("--overwrite", action="store_true",

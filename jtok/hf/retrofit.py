@@ -99,7 +99,8 @@ class RetrofitTables(nn.Module):
 
     Parameters (and their optimizer roles, `jtok.training.optim.parameter_roles`):
     ``tables.weight`` ("table"; a host store's via `store_parameters`), ``mixers.<i>.scale``
-    ("norm") and, for JTok-M, ``mixers.<i>.router`` ("router")."""
+    ("scale", through `param_role_overrides`: its own lr, ``train.scale_lr_mult``) and,
+    for JTok-M, ``mixers.<i>.router`` ("router")."""
 
     def __init__(self, cfg: ModelConfig, options: dict[str, Any]):
         super().__init__()
@@ -117,6 +118,18 @@ class RetrofitTables(nn.Module):
         # layer will need it again) (hook 2)
         self._layer_inputs: dict[int, tuple[Tensor, bool]] = {}
         self._balance: list[Tensor] = []  # JTok-M balance losses of this forward
+        # Rows gathered ahead for the next forward (a trainer's host-store prefetch), used
+        # by that forward in place of a lookup of its ids: `use_rows`.
+        self._given_rows: TokenRows | None = None
+
+    def param_role_overrides(self) -> dict[str, str]:
+        """Optimizer roles that differ from the mixer classes' own: the scales s start at 0
+        and need a larger step than a norm gain ("scale": ``train.scale_lr_mult``)."""
+        return {f"mixers.{slot}.scale": "scale" for slot in range(len(self.mixers))}
+
+    def use_rows(self, rows: TokenRows | None) -> None:
+        """The rows of the next forward's ids, gathered ahead (None: look them up)."""
+        self._given_rows = rows
 
     @torch.no_grad()
     def initialize(self, seed: int) -> None:
@@ -143,7 +156,8 @@ class RetrofitTables(nn.Module):
                 "by token id, so a call with inputs_embeds alone cannot be served")  # fmt: skip
         self._layer_inputs.clear()
         self._balance = []
-        self._rows = self.tables.lookup(ids)
+        given, self._given_rows = self._given_rows, None
+        self._rows = given if given is not None else self.tables.lookup(ids)
 
     def capture_layer_input(self, slot: int, module: nn.Module, args: tuple, kwargs: dict):
         """Pre-hook of a decoder layer: its input h, for JTok-M's router (Eq 10).
@@ -177,6 +191,11 @@ class RetrofitTables(nn.Module):
         if not self._balance:
             return None
         return self.cfg.tokmod.aux_weight * torch.stack(self._balance).sum()
+
+    def balance_mean(self) -> Tensor | None:
+        """The unweighted mean over layers of the last forward's balance losses (the
+        ``tokmod_balance`` metric of a native model); None when there are none."""
+        return torch.stack(self._balance).mean().detach() if self._balance else None
 
 
 def _decoder_layers(hf_model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:

@@ -77,6 +77,10 @@ def generate_batch(model: JTokModel, prompts: Sequence[Sequence[int]], max_new_t
     stops = _stop_sets(stop_ids, len(prompts))
     if batch_size is not None and batch_size < 1:
         raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(model, JTokModel) and hasattr(model, "generate_batch"):
+        # A retrofitted HF model (jtok.hf.retrofit_run.RetrofitLM) decodes with HF generate.
+        return model.generate_batch(prompts, max_new_tokens, temperature, top_k, top_p, seed,
+                                    stops, batch_size)  # fmt: skip
     context = model.cfg.max_seq_len
     budgets = [min(max_new_tokens, context - len(p)) for p in prompts]
     # Longest first: similar lengths share a batch; the longest batch shows early whether

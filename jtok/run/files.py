@@ -2,7 +2,8 @@
 
     RUN/
       config.json        the resolved RunConfig the run uses (rewritten only after a
-                         validated start or an allowed change on resume)
+                         validated start or an allowed change on resume); a retrofitted
+                         run's has a "retrofit" section in place of "model"
       run.json           where the data is (the path given, resolved, its fingerprint),
                          the changes applied on resume, the jtok version
       tokenizer.json     a copy of the data's tokenizer (for eval / sample / generate)
@@ -18,6 +19,9 @@ from pathlib import Path
 from jtok.data.format import TOKENIZER_FILE  # the data directory's name for it, kept
 
 CONFIG_FILE = "config.json"
+# The section of a retrofitted run's config.json that stands in for "model" (the HF config
+# and the retrofit options: jtok.hf.retrofit_run).
+RETROFIT_RECORD_KEY = "retrofit"
 RUN_INFO_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"

@@ -61,7 +61,10 @@ def flat_differences(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any
                     for d in walk(a.get(k), b.get(k), f"{prefix}{k}.")]  # fmt: skip
         return [] if a == b else [(prefix[:-1], a, b)]
 
-    return walk(effective_dict(old), effective_dict(new), "")
+    def effective(cfg) -> dict:  # a retrofitted run's record has its own (jtok.hf.retrofit_run)
+        return cfg.effective_dict() if hasattr(cfg, "effective_dict") else effective_dict(cfg)
+
+    return walk(effective(old), effective(new), "")
 
 
 def _lr_factor(step: int, cfg: RunConfig) -> float:

@@ -36,6 +36,7 @@ from jtok.run.files import (
     CONFIG_FILE,
     LOCK_FILE,
     METRICS_FILE,
+    RETROFIT_RECORD_KEY,
     RUN_INFO_FILE,
     RUN_OUTPUTS,
     TOKENIZER_FILE,
@@ -152,22 +153,50 @@ def _refuse_data_overlap(run_dir: Path, train_data: str) -> None:
 
 
 def saved_run_config(run_dir: Path) -> RunConfig:
+    """The run's config: a `RunConfig`, or for a retrofitted HF model (config.json with a
+    "retrofit" section) a `jtok.hf.retrofit_run.RetrofitRunConfig`."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise RunDirError(f"{run_dir} holds no run (no {CONFIG_FILE})")
+    raw = read_json(path, "run config")
     try:
-        return RunConfig.from_dict(read_json(path, "run config"))
+        if isinstance(raw, dict) and RETROFIT_RECORD_KEY in raw:
+            try:
+                from jtok.hf.retrofit_run import RetrofitRunConfig
+            except ImportError as err:
+                raise RunDirError(f"{run_dir} is a retrofitted Hugging Face model: "
+                                  f"{str(err).splitlines()[0]}") from None  # fmt: skip
+            return RetrofitRunConfig.from_dict(raw)
+        return RunConfig.from_dict(raw)
     except ConfigError as err:
         raise RunDirError(f"{path}: {err}") from None
 
 
-def _check_data(train_data: str, vocab_size: int) -> dict:
+def is_retrofit(run_cfg) -> bool:
+    """Whether a run config is a retrofitted HF model's record (jtok.hf.retrofit_run)."""
+    return hasattr(run_cfg, "build_model")
+
+
+def meta_model(run_cfg):
+    """The run's model on the meta device: tensor names and shapes, for checkpoint checks."""
+    if is_retrofit(run_cfg):
+        return run_cfg.build_model("meta")
+    from jtok.nn.model import build_model
+
+    return build_model(run_cfg.model, device="meta")
+
+
+def _check_data(train_data: str, run_cfg) -> dict:
     if not train_data:
         raise RunDirError("train.data is empty: point it at a `jtok data prepare` directory")
     # Paths inside the directory, the tokenizer's hash, split sizes and fingerprints, and
     # the recorded largest ids against the model's vocabulary.
     manifest = data.verify_data_dir(train_data)
-    data.check_vocab(manifest, vocab_size)
+    if is_retrofit(run_cfg):  # the data's vocabulary must be the HF model's own
+        from jtok.hf.retrofit_run import check_data_vocab
+
+        check_data_vocab(run_cfg, manifest, train_data)
+    data.check_vocab(manifest, run_cfg.model.vocab_size)
     return manifest
 
 
@@ -175,8 +204,6 @@ def plan_start(run_dir: Path | str, run_cfg: RunConfig, *, resume: bool = False,
                overwrite: bool = False, allow_changes: set[str] | frozenset = frozenset(),
                ) -> StartPlan:  # fmt: skip
     """Validate a start or resume of `run_dir` with `run_cfg`; change nothing."""
-    from jtok.nn.model import build_model
-
     run_dir = Path(run_dir)
     check_out_dir(run_dir)
     _refuse_data_overlap(run_dir, run_cfg.train.data)
@@ -186,7 +213,11 @@ def plan_start(run_dir: Path | str, run_cfg: RunConfig, *, resume: bool = False,
             raise RunDirError(f"run directory {run_dir} is not empty; use --resume to continue "
                               "it or --overwrite to start over (its checkpoints and metrics "
                               "will be deleted)")  # fmt: skip
-        manifest = _check_data(run_cfg.train.data, run_cfg.model.vocab_size)
+        manifest = _check_data(run_cfg.train.data, run_cfg)
+        if is_retrofit(run_cfg):  # step 0 loads its weights
+            from jtok.hf.retrofit_run import check_hf_dir
+
+            check_hf_dir(run_cfg.source)
         return StartPlan(run_dir, run_cfg, Path(run_cfg.train.data), manifest, resume=False,
                          overwrite=bool(present))  # fmt: skip
 
@@ -195,10 +226,12 @@ def plan_start(run_dir: Path | str, run_cfg: RunConfig, *, resume: bool = False,
     read_metrics(run_dir)  # corrupt metrics fail here, before anything is rewritten
     latest = ckpt.latest_checkpoint(run_dir)
     step = 0
+    if is_retrofit(saved) != is_retrofit(run_cfg):
+        raise RunDirError(f"{run_dir} holds a {'retrofitted' if is_retrofit(saved) else 'jtok'}"
+                          " model's run; --resume continues it as it is")  # fmt: skip
     if latest is not None:
-        meta_model = build_model(saved.model, device="meta")
         # The checkpoint must fit the saved model; a model change is refused below anyway.
-        step = ckpt.validate_checkpoint(latest, meta_model, with_optimizer=True)["step"]
+        step = ckpt.validate_checkpoint(latest, meta_model(saved), with_optimizer=True)["step"]
     recorded_fp = info.get("data", {}).get("fingerprint")
     wanted_data = run_cfg.train.data
     same_data = False
@@ -207,13 +240,16 @@ def plan_start(run_dir: Path | str, run_cfg: RunConfig, *, resume: bool = False,
             data.load_manifest(wanted_data)) == recorded_fp  # fmt: skip
     changes = classify_changes(saved, run_cfg, step, set(allow_changes), same_data)
     if any(c.key.startswith("model.") for c in changes) and latest is not None:
-        ckpt.validate_checkpoint(latest, build_model(run_cfg.model, device="meta"),
-                                 with_optimizer=True)  # fmt: skip
+        ckpt.validate_checkpoint(latest, meta_model(run_cfg), with_optimizer=True)
     if latest is not None and run_cfg.train.steps < step:
         raise RunDirError(f"train.steps={run_cfg.train.steps} is before checkpoint step {step}")
     data_dir = (Path(wanted_data) if wanted_data != saved.train.data
                 else resolve_data_dir(run_dir, saved))  # fmt: skip
-    manifest = _check_data(str(data_dir), run_cfg.model.vocab_size)
+    manifest = _check_data(str(data_dir), run_cfg)
+    if latest is None and is_retrofit(run_cfg):  # no checkpoint: step 0 loads its weights
+        from jtok.hf.retrofit_run import check_hf_dir
+
+        check_hf_dir(run_cfg.source)
     if latest is not None:
         saved_tok = ckpt.read_state(latest).get("tokenizer_sha256")
         if saved_tok:
@@ -337,10 +373,12 @@ def load_run(run_dir: Path | str, checkpoint: Path | str | None = None,
         raise RunDirError(f"{run_dir} has no checkpoint yet")
     if not ckpt_dir.is_dir():
         raise RunDirError(f"checkpoint {ckpt_dir} does not exist")
-    state = ckpt.validate_checkpoint(ckpt_dir, build_model(run_cfg.model, device="meta"),
-                                     with_optimizer=False)  # fmt: skip
+    state = ckpt.validate_checkpoint(ckpt_dir, meta_model(run_cfg), with_optimizer=False)
     check_memory(run_cfg.model, device, training=False, what=f"loading run {run_dir}",
                  table_placement=table_placement)  # fmt: skip
-    model = build_model(run_cfg.model, device=device, table_placement=table_placement)
+    if is_retrofit(run_cfg):  # a jtok.hf.retrofit_run.RetrofitLM (HF model + tables)
+        model = run_cfg.build_model(device, table_placement)
+    else:
+        model = build_model(run_cfg.model, device=device, table_placement=table_placement)
     ckpt.load_model_weights(ckpt_dir, model)
     return run_cfg, model.eval(), state

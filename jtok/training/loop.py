@@ -48,6 +48,7 @@ from jtok.run.rundir import (  # noqa: F401  (re-exported)
     StartPlan,
     apply_start,
     check_out_dir,
+    is_retrofit,
     plan_start,
     read_metrics,
     saved_config,
@@ -232,6 +233,13 @@ def _same_config_everywhere(run_cfg: RunConfig, env: DistEnv) -> None:
 
 def _micro_rows(run_cfg: RunConfig, env: DistEnv) -> int:
     tcfg = run_cfg.train
+    if is_retrofit(run_cfg):
+        if env.world_size > 1:
+            raise TrainingError("a retrofitted Hugging Face model trains on one process "
+                                "(torchrun is not supported for --init-from-hf runs yet)")
+    elif tcfg.freeze_backbone:
+        raise TrainingError("train.freeze_backbone applies to a retrofitted Hugging Face "
+                            "model (jtok train --init-from-hf DIR)")  # fmt: skip
     if tcfg.table_placement == "host" and env.world_size > 1:
         raise TrainingError("train.table_placement=host trains on one process; several "
                             "processes need the sharded store (not yet available)")  # fmt: skip
@@ -247,12 +255,19 @@ def _micro_rows(run_cfg: RunConfig, env: DistEnv) -> int:
 def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) -> dict:
     run_cfg, run_dir = plan.config, plan.run_dir
     tcfg, mcfg = run_cfg.train, run_cfg.model
-    model = build_model(mcfg, seed=tcfg.seed, device=env.device,
-                        table_placement=tcfg.table_placement).train()  # fmt: skip
     state = None
-    distributed_ckpt = False
     if plan.resume and plan.checkpoint is not None:
         state = ckpt.read_state(plan.checkpoint)
+    if is_retrofit(run_cfg):
+        # jtok.hf.retrofit_run.RetrofitLM: the HF model behind jtok's model interface. With
+        # no checkpoint to resume, step 0 loads the HF weights and fresh tables (s = 0).
+        model = run_cfg.build_model(env.device, tcfg.table_placement,
+                                    from_source=state is None).train()  # fmt: skip
+    else:
+        model = build_model(mcfg, seed=tcfg.seed, device=env.device,
+                            table_placement=tcfg.table_placement).train()  # fmt: skip
+    distributed_ckpt = False
+    if state is not None:
         distributed_ckpt = has_dcp(plan.checkpoint) and not ckpt.has_single_file(plan.checkpoint)
         if not distributed_ckpt:  # before wrapping: FSDP2 then shards the loaded values
             ckpt.load_model_weights(plan.checkpoint, model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from jtok.errors import JTokError
@@ -11,7 +13,9 @@ from jtok.tables.store import TokenTables
 
 # ---- optimizer roles and schedule --------------------------------------------------------
 
-ROLES = ("matrix", "embedding", "norm", "router", "table")
+# "scale": a retrofit's per-dimension scales s (jtok.hf.retrofit), which start at 0 and
+# need their own learning rate (train.scale_lr_mult); a native model's scales are "norm".
+ROLES = ("matrix", "embedding", "norm", "router", "table", "scale")
 
 
 class RoleError(JTokError):
@@ -39,6 +43,15 @@ def parameter_roles(model: torch.nn.Module) -> list[tuple[str, torch.nn.Paramete
             if declared.setdefault(id(param), role) != role:
                 raise RoleError(f"parameter {type(module).__name__}.{path} is declared both "
                                 f"{declared[id(param)]!r} and {role!r}")  # fmt: skip
+    # A module instance may override its parameters' roles (`param_role_overrides()`, a
+    # path -> role dict): a retrofit gives its scales the "scale" role this way, while the
+    # same mixer classes in a native model keep "norm".
+    for module in model.modules():
+        overrides = getattr(module, "param_role_overrides", None)
+        if callable(overrides):
+            for path, role in overrides().items():
+                declared[id(module.get_parameter(path))] = role
+    _declare_foreign_roles(model, declared)
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             for param in module.parameters(recurse=False):
@@ -64,6 +77,33 @@ def parameter_roles(model: torch.nn.Module) -> list[tuple[str, torch.nn.Paramete
     return result
 
 
+def _is_norm(module: torch.nn.Module) -> bool:
+    return isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or type(
+        module).__name__.endswith(("RMSNorm", "LayerNorm"))  # fmt: skip
+
+
+def _declare_foreign_roles(model: torch.nn.Module, declared: dict[int, str]) -> None:
+    """Roles of modules that declare none (a Hugging Face model's, for a retrofit), by
+    type, as jtok's own classes map theirs: an ``nn.Embedding`` and the output head
+    (``get_output_embeddings()``) are "embedding", the gains and biases of an RMSNorm or
+    LayerNorm (HF's ``LlamaRMSNorm``, ``Qwen3RMSNorm``, ...) are "norm". Declared roles
+    win (``setdefault``); other ``nn.Linear`` weights become "matrix" after this."""
+    for module in model.modules():
+        head = getattr(module, "get_output_embeddings", None)
+        if callable(head) and not getattr(type(module), "PARAM_ROLES", None):
+            with contextlib.suppress(Exception):  # not every HF class implements it
+                out = head()
+                if isinstance(out, torch.nn.Module):
+                    for param in out.parameters(recurse=False):
+                        declared.setdefault(id(param), "embedding")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            declared.setdefault(id(module.weight), "embedding")
+        elif _is_norm(module):
+            for param in module.parameters(recurse=False):
+                declared.setdefault(id(param), "norm")
+
+
 def sparse_table_params(model: torch.nn.Module) -> set[int]:
     """ids of table parameters trained with sparse gradients (by RowAdam)."""
     found = set()
@@ -82,6 +122,7 @@ def role_hyperparameters(train_cfg) -> dict[str, tuple[float, float]]:
         "norm": (train_cfg.norm_lr_mult, 0.0),
         "router": (train_cfg.router_lr_mult, 0.0),
         "table": (train_cfg.table_lr_mult, train_cfg.table_weight_decay),
+        "scale": (train_cfg.scale_lr_mult, 0.0),
     }
 
 
