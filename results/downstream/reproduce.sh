@@ -7,9 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=results/downstream
 jtok sweep $out/spec.yaml --out $out
-runs=($out/runs/baseline__D3e+06 $out/runs/jtokm__D3e+06)
 # Five tasks at up to 300 items each (ARC-Challenge's bundled validation split has 299),
-# MMLU at 20 items per subject (1,140 items): sized for a CPU.
-jtok eval --compare "${runs[@]}" --tasks arc_easy,arc_challenge,hellaswag,piqa,sciq \
-  --limit 300 --out $out/tasks
-jtok eval --compare "${runs[@]}" --tasks mmlu --limit 20 --out $out/mmlu
+# MMLU at 20 items per subject (1,140 items): sized for a CPU. One pair per embedding LR.
+for emb in "" "-emb3"; do
+  runs=($out/runs/baseline${emb}__D3e+06 $out/runs/jtokm${emb}__D3e+06)
+  jtok eval --compare "${runs[@]}" --tasks arc_easy,arc_challenge,hellaswag,piqa,sciq \
+    --limit 300 --out $out/tasks$emb
+  jtok eval --compare "${runs[@]}" --tasks mmlu --limit 20 --out $out/mmlu$emb
+done
