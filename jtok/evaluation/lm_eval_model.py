@@ -22,6 +22,7 @@ decoding (the text is cut before the earliest one).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,12 @@ class JTokLM(TemplateLM):
                 scores[owners[i]] += float(logp_KV.gather(1, target_K[:, None]).sum())
                 greedy[owners[i]] &= bool((logp_KV.argmax(dim=-1) == target_K).all())
         return list(zip(scores, greedy, strict=True))
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        # lm-eval's tokenizing loop passes disable= explicitly (TQDM_DISABLE cannot reach it):
+        # its progress bar only on a terminal, as jtok's own.
+        return super().loglikelihood(requests,
+                                     disable_tqdm=disable_tqdm or not sys.stderr.isatty())
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
                               **kwargs: Any) -> list[tuple[float, bool]]:  # fmt: skip
