@@ -46,6 +46,22 @@ def fsync_dir(directory: Path | str) -> None:
         os.close(fd)
 
 
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` where `out` is (a sibling of it): a rename when `out` is
+    absent; else the old folder is renamed aside first and removed only once `tmp` is in
+    place, so a crash leaves either the old folder or the new one, never half of each."""
+    import shutil
+
+    if out.exists():
+        old = out.parent / f".old-{out.name}-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    fsync_dir(out.parent)
+
+
 def write_text_atomic(path: Path | str, text: str) -> None:
     """Write `text` (UTF-8) to `path` through a temporary file, fsync and a rename."""
     write_bytes_atomic(path, text.encode("utf-8"))

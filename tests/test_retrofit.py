@@ -277,13 +277,6 @@ def _train_steps(model, steps, ids, host=False):
     return optimizers
 
 
-def _greedy_scores(model, prompt, steps=6):
-    with torch.no_grad():
-        out = model.generate(prompt[None], max_new_tokens=steps, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True)  # fmt: skip
-    return out.scores
-
-
 @pytest.mark.parametrize("family,kind", [("llama", "jtokm"), ("qwen2", "jtok"),
                                          ("qwen3", "jtokm")])  # fmt: skip
 def test_frozen_backbone_training_changes_only_tables_routers_scales(family, kind):

@@ -26,6 +26,7 @@ from jtok.data import EOT_TOKEN, load_tokenizer
 from jtok.errors import JTokError
 from jtok.hf.configuration import REMOTE_CODE_FILE
 from jtok.hf.modeling import JTokForCausalLM
+from jtok.io import replace_dir
 from jtok.run import checkpoint as ckpt
 from jtok.run.files import TOKENIZER_FILE
 
@@ -42,9 +43,10 @@ class ExportError(JTokError):
     """A run cannot be exported as asked; the message says why."""
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, overwrite: bool, allowed: frozenset[str] | set[str] = EXPORT_FILES,
+                  ) -> None:  # fmt: skip
     """Refuse an output that is a file, or a non-empty directory unless `overwrite` and it
-    holds only what an export writes."""
+    holds only what an export writes (`allowed`)."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
     parent = next(p for p in out.absolute().parents if p.exists())
@@ -56,7 +58,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     if present and not overwrite:
         raise ExportError(f"--out {out} is not empty; use --overwrite to replace an earlier "
                           "export, or choose another directory")  # fmt: skip
-    foreign = [name for name in present if name not in EXPORT_FILES]
+    foreign = [name for name in present if name not in allowed]
     if foreign:
         raise ExportError(f"--out {out} holds {foreign[0]!r}, which jtok export does not "
                           "write; --overwrite replaces only an earlier export")  # fmt: skip
@@ -110,13 +112,7 @@ def export_run(run_dir: Path | str, out: Path | str, checkpoint: Path | str | No
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         check_out_dir(out, overwrite)  # still as checked (nothing appeared meanwhile)
-        if out.exists():
-            old = out.parent / f".old-export-{out.name}-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except OSError as err:  # a full disk, a permission: one line, OUT left as it was
         raise ExportError(f"cannot write {out}: {err.strerror or err}") from None
     finally:

@@ -18,30 +18,17 @@ import os
 import shutil
 from pathlib import Path
 
-from jtok.hf.export import EXPORT_FILES, ExportError, hf_tokenizer
+from jtok.hf.export import EXPORT_FILES, ExportError, check_out_dir, hf_tokenizer
 from jtok.hf.retrofit_io import OPTIONS_FILE, WEIGHTS_FILE, save_retrofit
 from jtok.hf.retrofit_run import _quiet_loading
+from jtok.io import replace_dir
 from jtok.run.files import TOKENIZER_FILE
 
 RETROFIT_EXPORT_FILES = EXPORT_FILES | {WEIGHTS_FILE, OPTIONS_FILE}
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a directory")
-    parent = next(p for p in out.absolute().parents if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"--out {out}: {parent} is not a writable directory")
-    if not out.is_dir():
-        return
-    present = sorted(p.name for p in out.iterdir())
-    if present and not overwrite:
-        raise ExportError(f"--out {out} is not empty; use --overwrite to replace an earlier "
-                          "export, or choose another directory")  # fmt: skip
-    foreign = [name for name in present if name not in RETROFIT_EXPORT_FILES]
-    if foreign:
-        raise ExportError(f"--out {out} holds {foreign[0]!r}, which jtok export does not "
-                          "write; --overwrite replaces only an earlier export")  # fmt: skip
+    check_out_dir(out, overwrite, allowed=RETROFIT_EXPORT_FILES)
 
 
 def export_retrofit_run(run_dir: Path | str, out: Path | str, checkpoint=None,
@@ -67,13 +54,7 @@ def export_retrofit_run(run_dir: Path | str, out: Path | str, checkpoint=None,
             save_retrofit(hf, tmp)
         tokenizer.save_pretrained(tmp)
         _check_out(out, overwrite)  # still as checked (nothing appeared meanwhile)
-        if out.exists():
-            old = out.parent / f".old-export-{out.name}-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except OSError as err:
         raise ExportError(f"cannot write {out}: {err.strerror or err}") from None
     finally:

@@ -34,7 +34,7 @@ from jtok.hf.retrofit import (
     retrofit_options,
     retrofit_tables,
 )
-from jtok.io import FileFormatError, fsync_dir, read_json, write_json_atomic
+from jtok.io import FileFormatError, read_json, replace_dir, write_json_atomic
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "jtok_retrofit.safetensors"
@@ -104,14 +104,7 @@ def save_retrofit(hf_model: nn.Module, out: Path | str, overwrite: bool = False)
         write_json_atomic(tmp / OPTIONS_FILE, {"format_version": FORMAT_VERSION,
                                                "options": retrofit_options(hf_model),
                                                "tensors": sorted(own)})  # fmt: skip
-        if out.exists():
-            old = out.parent / f".old-retrofit-{out.name}-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        fsync_dir(out.parent)
+        replace_dir(tmp, out)
     except OSError as err:
         raise RetrofitError(f"cannot write {out}: {err.strerror or err}") from None
     finally:
