@@ -4,6 +4,7 @@ resume, eval, generate, export (jtok.hf.retrofit_run, jtok.hf.retrofit_export)."
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -224,7 +225,15 @@ def test_export_loads_with_load_retrofit(trained_run, tmp_path, capsys):
 
 
 def test_bad_input_is_one_line(llama_dir, tiny_data, tmp_path, capsys):
-    wrong_vocab = _save_hf(tmp_path / "v400", "llama", vocab=400)
+    wrong_vocab = _save_hf(tmp_path / "v400", "llama", vocab=400)  # no tokenizer to compare
+    too_small = _save_hf(tmp_path / "v300", "llama", vocab=300)
+    # The same vocabulary size, two ids swapped: another tokenizer.
+    other_tokenizer = _save_hf(tmp_path / "other", "llama", vocab=336)
+    tok = json.loads((tiny_data / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[100:102]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other_tokenizer / "tokenizer.json").write_text(json.dumps(tok))
     not_hf = tmp_path / "not_hf"
     not_hf.mkdir()
     broken = tmp_path / "broken"
@@ -236,6 +245,8 @@ def test_bad_input_is_one_line(llama_dir, tiny_data, tmp_path, capsys):
     (no_weights / "config.json").write_text((llama_dir / "config.json").read_text())
     cases = [
         (wrong_vocab, ["--set", "tokmod.kind=jtokm"], "vocabulary of 320"),
+        (too_small, ["--set", "tokmod.kind=jtokm"], "embedding has 300 rows"),
+        (other_tokenizer, ["--set", "tokmod.kind=jtokm"], "another tokenizer"),
         (tmp_path / "missing", ["--set", "tokmod.kind=jtokm"], "no such directory"),
         (not_hf, ["--set", "tokmod.kind=jtokm"], "no config.json"),
         (broken, ["--set", "tokmod.kind=jtokm"], "does not load"),
@@ -258,6 +269,16 @@ def test_bad_input_is_one_line(llama_dir, tiny_data, tmp_path, capsys):
     code, _, err = _cli(["train", "--preset", "tiny", "--data", tiny_data, "--out",
                          tmp_path / "native", "--set", "train.freeze_backbone=true"], capsys)
     assert code == 2 and "freeze_backbone" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_padded_vocabulary_with_the_datas_tokenizer_is_accepted(tiny_data, tmp_path):
+    """Qwen-style: the embedding has more rows (336) than the tokenizer has tokens (320);
+    the HF directory's tokenizer is the data's, so the ids mean the same tokens."""
+    padded = _save_hf(tmp_path / "padded", "llama", vocab=VOCAB + 16)
+    shutil.copy(tiny_data / "tokenizer.json", padded / "tokenizer.json")
+    run = tmp_path / "run"
+    train(_config(padded, tiny_data, steps=1), run, progress=False, log=lambda m: None)
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1]
 
 
 def test_host_tables_train_as_device_tables(llama_dir, tiny_data, tmp_path):

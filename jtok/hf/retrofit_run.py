@@ -294,13 +294,44 @@ def init_run_config(hf_dir: Path | str, overrides: dict[str, Any]) -> RetrofitRu
 
 
 def check_data_vocab(run_cfg: RetrofitRunConfig, manifest: dict, data_dir: Any) -> None:
-    """The data's vocabulary must be the HF model's: the tables and the embedding are
-    indexed by the data's ids, so another tokenizer's ids would be read as other tokens."""
+    """The data's token ids must be the HF model's: the tables and the embedding are indexed
+    by them, so another tokenizer's ids would be read as other tokens.
+
+    - A data vocabulary larger than the model's embedding is refused (ids out of range).
+    - Where the HF directory holds its tokenizer (tokenizer.json), the data's tokenizer
+      must map every token to the same id: this also accepts a model whose embedding is
+      padded past its tokenizer (Qwen's 151,936 rows for about 151,665 tokens) and catches a
+      different tokenizer of the same size.
+    - Without a tokenizer to compare with, the sizes must be equal; a resume whose source
+      directory has gone (only step 0 reads it) keeps what its start checked.
+    (The largest ids the data holds are checked against the model separately.)"""
+    from jtok.data import load_tokenizer
+
     data_vocab, model_vocab = int(manifest["vocab_size"]), run_cfg.model.vocab_size
+    how = "prepare it with the model's own tokenizer (jtok data prepare ... --tokenizer DIR)"
+    if data_vocab > model_vocab:
+        raise RetrofitRunError(f"the data at {data_dir} was tokenized with a vocabulary of "
+                               f"{data_vocab} but the HF model's embedding has {model_vocab} "
+                               f"rows: {how}")  # fmt: skip
+    source_tokenizer = Path(run_cfg.source) / "tokenizer.json" if run_cfg.source else None
+    if source_tokenizer is not None and source_tokenizer.is_file():
+        try:
+            same = load_tokenizer(source_tokenizer).get_vocab() == \
+                load_tokenizer(data_dir).get_vocab()
+        except JTokError as err:
+            raise RetrofitRunError(f"cannot compare the data's tokenizer with "
+                                   f"{source_tokenizer}: {err}") from None
+        if not same:
+            raise RetrofitRunError(f"the data at {data_dir} was tokenized with another "
+                                   f"tokenizer than the HF model's ({source_tokenizer}): {how}")
+        return
+    if run_cfg.source and not Path(run_cfg.source).is_dir():
+        return
     if data_vocab != model_vocab:
         raise RetrofitRunError(
             f"the data at {data_dir} was tokenized with a vocabulary of {data_vocab} but the "
-            f"HF model's is {model_vocab}: prepare the data with the model's own tokenizer")
+            f"HF model's is {model_vocab}, and the HF directory holds no tokenizer.json to "
+            f"compare: {how}")
 
 
 # ---- the adapter ------------------------------------------------------------------------
