@@ -157,3 +157,14 @@ def test_host_table_steps_train_like_device_steps():
             losses[placement] = [train_step(model, opts, batches[i % 3]) for i in range(5)]
     assert losses["host"] == pytest.approx(losses["device"], rel=1e-5)
     assert losses["device"][-1] < losses["device"][0]
+
+
+def test_ratio_summary_is_the_median_and_quartiles_of_paired_ratios():
+    from jtok.bench.paired import ratio_summary
+
+    base = [10.0, 20.0, 10.0, 10.0, 10.0]
+    times = [11.0, 20.0, 12.0, 10.0, 13.0]  # ratios 1.1, 1.0, 1.2, 1.0, 1.3
+    median, (q1, q3) = ratio_summary(times, base)
+    assert median == pytest.approx(1.1)
+    assert (q1, q3) == (pytest.approx(1.0), pytest.approx(1.2))
+    assert ratio_summary([3.0], [2.0]) == (1.5, [1.5, 1.5])

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from jtok.bench.paired import quartile_text, ratio_summary
 from jtok.bench.train_step import variant_config, zipf_token_batches
 from jtok.config import ModelConfig, TrainConfig
 from jtok.errors import JTokError
@@ -408,8 +409,10 @@ def decode_benchmark(cfg: ModelConfig, variants: list[str], batches: list[int],
         timings[batch] = samples
 
     def paired(batch: int, name: str, what: str) -> float:
-        pairs = zip(timings[batch][name][what], timings[batch]["baseline"][what], strict=True)
-        return statistics.median(t / b for t, b in pairs)
+        return summary(batch, name, what)[0]
+
+    def summary(batch: int, name: str, what: str) -> tuple[float, list[float]]:
+        return ratio_summary(timings[batch][name][what], timings[batch]["baseline"][what])
 
     result: dict = {
         "benchmark": "decode",
@@ -442,6 +445,7 @@ def decode_benchmark(cfg: ModelConfig, variants: list[str], batches: list[int],
                 per_batch[str(batch)] = {
                     "tokens_per_s": batch * new_tokens / decode_s,
                     "ratio_to_baseline": paired(batch, config.name, "decode"),
+                    "ratio_quartiles": summary(batch, config.name, "decode")[1],
                     "cpu_ratio_to_baseline": paired(batch, config.name, "cpu"),
                     "decode_ms_per_step": decode_s / new_tokens * 1e3,
                     "decode_ms_per_step_all": [t / new_tokens * 1e3 for t in samples["decode"]],
@@ -459,8 +463,8 @@ def format_report(result: dict) -> str:
             f"(greedy), {result['reps']} reps, {result['threads']} threads on "
             f"{result['device']}{', compiled' if result['compile'] else ''}")  # fmt: skip
     lines = [head, f"{'placement':<10}{'batch':>6}  {'variant':<10}{'prefill ms':>11}"
-                   f"{'ms/step':>9}{'tok/s':>9}{'ratio':>8}{'cpu ratio':>10}"
-                   f"{'table on':>10}"]  # fmt: skip
+                   f"{'ms/step':>9}{'tok/s':>9}{'ratio':>8}{'(quartiles)':>14}"
+                   f"{'cpu ratio':>10}{'table on':>10}"]  # fmt: skip
     for placement in result["placements"]:
         for batch in result["batches"]:
             for name, variant in result["variants"].items():
@@ -468,7 +472,8 @@ def format_report(result: dict) -> str:
                 lines.append(
                     f"{placement:<10}{batch:>6}  {name:<10}{row['prefill_ms']:>11.1f}"
                     f"{row['decode_ms_per_step']:>9.2f}{row['tokens_per_s']:>9.0f}"
-                    f"{row['ratio_to_baseline']:>8.3f}{row['cpu_ratio_to_baseline']:>10.3f}"
+                    f"{row['ratio_to_baseline']:>8.3f}{quartile_text(row['ratio_quartiles']):>14}"
+                    f"{row['cpu_ratio_to_baseline']:>10.3f}"
                     f"{row['table_device'] or '-':>10}"
                 )  # fmt: skip
     check = result.get("host_placement_check")

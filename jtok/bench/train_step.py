@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from jtok.bench.paired import quartile_text, ratio_summary
 from jtok.config import ModelConfig, TrainConfig
 from jtok.flops import summarize
 from jtok.nn.model import build_model
@@ -159,8 +160,7 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
         "variants": {},
     }  # fmt: skip
     def paired_ratio(samples: dict[str, list[float]], variant: str) -> float:
-        pairs = zip(samples[variant], samples["baseline"], strict=True)
-        return statistics.median(t / b for t, b in pairs)
+        return ratio_summary(samples[variant], samples["baseline"])[0]
 
     for variant in variants:
         vcfg = runs[variant][0]
@@ -177,6 +177,7 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
             "tokens_per_s": batch * seq_len / step_s,
             # Paired: each repetition's ratio to the baseline, then the median.
             "ratio_to_baseline": paired_ratio(times, variant),
+            "ratio_quartiles": ratio_summary(times[variant], times["baseline"])[1],
             "cpu_ratio_to_baseline": paired_ratio(cpu_times, variant),
         }
     return result
@@ -188,12 +189,13 @@ def format_report(result: dict) -> str:
         f"{result['reps']} reps x {result['steps']} steps, optimizer {result['optimizer']}, "
         f"{result['threads']} threads, ~{result['unique_ids_per_batch']:.0f} distinct ids/batch"
     )
-    lines = [head, f"{'variant':<10}{'N_c':>12}{'N_n':>12}{'ms/step':>10}{'tok/s':>9}"
-                   f"{'ratio':>8}{'cpu ms':>9}{'cpu ratio':>10}"]  # fmt: skip
+    lines = [head, f"{'variant':<12}{'N_c':>12}{'N_n':>12}{'ms/step':>10}{'tok/s':>9}"
+                   f"{'ratio':>8}{'(quartiles)':>14}{'cpu ms':>9}{'cpu ratio':>10}"]  # fmt: skip
     for name, v in result["variants"].items():
         lines.append(
-            f"{name:<10}{v['backbone_params']:>12,}{v['token_params']:>12,}"
+            f"{name:<12}{v['backbone_params']:>12,}{v['token_params']:>12,}"
             f"{v['step_ms_median']:>10.1f}{v['tokens_per_s']:>9.0f}{v['ratio_to_baseline']:>8.3f}"
+            f"{quartile_text(v['ratio_quartiles']):>14}"
             f"{v['cpu_ms_median']:>9.1f}{v['cpu_ratio_to_baseline']:>10.3f}"
         )
     return "\n".join(lines)
