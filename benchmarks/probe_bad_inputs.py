@@ -653,6 +653,16 @@ def build_cases(fx: Fixtures) -> list[Case]:  # noqa: C901 - a long list, on pur
     add("bench/steps-0", "bench", ["bench", *BENCH, "--steps", "0"])
     add("bench/batch-0", "bench", ["bench", *BENCH, "--batch", "0"])
     add("bench/warmup-negative", "bench", ["bench", *BENCH, "--warmup", "-1"])
+    add("bench/placements-bogus", "bench", ["bench", *BENCH, "--placements", "gpu"])
+    add("bench/placements-host-with-adamw", "bench", ["bench", *BENCH, "--placements", "host",
+                                                      "--optimizer", "adamw"])  # fmt: skip
+    DECODE = ["bench", "decode", "--preset", "tiny", "--reps", "1", "--new-tokens", "2",
+              "--prompt-len", "4"]  # fmt: skip
+    add("bench/decode-batches-0", "bench", [*DECODE, "--batches", "0"])
+    add("bench/decode-batches-words", "bench", [*DECODE, "--batches", "one,two"])
+    add("bench/decode-too-long", "bench", [*DECODE, "--new-tokens", "100000"])
+    add("bench/decode-with-train-option", "bench", [*DECODE, "--steps", "3"])
+    add("bench/train-with-decode-option", "bench", ["bench", *BENCH, "--batches", "1"])
     add("bench/threads-0", "bench", ["bench", *BENCH, "--threads", "0"])
     add("bench/seq-len-over-context", "bench", ["bench", *BENCH, "--seq-len", "100000"])
     add("bench/variants-bogus", "bench", ["bench", *BENCH, "--variants", "bogus"])
@@ -842,6 +852,12 @@ def build_cases(fx: Fixtures) -> list[Case]:  # noqa: C901 - a long list, on pur
     train_case("train/device-mps", "device", "--set", "device=mps")
     train_case("train/precision-bf16-on-cpu-nonsense", "device", "--set", "precision=fp16")
     train_case("train/allow-change-without-resume", "resume", "--allow-change", "lr")
+    # A retrofit start (jtok.hf.retrofit_run) from what is not a Hugging Face directory.
+    for label, hf_dir in (("missing", missing), ("is-file", a_file), ("not-hf", a_dir)):
+        add(f"train/init-from-hf-{label}", "paths", lambda cd, hf_dir=hf_dir: [
+            "train", "--init-from-hf", hf_dir, "--data", D, "--set", "tokmod.kind=jtokm",
+            "--out", str(cd / "out"), "--no-progress"], fresh=fresh_out)  # fmt: skip
+    train_case("train/freeze-backbone-native", "config", "--set", "freeze_backbone=true")
     add("train/resume-with-preset", "resume", lambda cd: ["train", "--preset", "tiny", "--out",
         str(run_copy(cd)), "--resume", "--no-progress"], setup=with_run_copy(),
         protect=prot_run)  # fmt: skip

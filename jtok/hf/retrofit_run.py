@@ -258,8 +258,9 @@ def check_hf_dir(path: Path | str) -> Path:
     """A local HF model directory with a config and weights (nothing is downloaded)."""
     path = Path(path)
     if not path.is_dir():
-        raise RetrofitRunError(f"--init-from-hf {path}: no such directory (a local Hugging "
-                               "Face model directory; nothing is downloaded)")  # fmt: skip
+        what = "is a file, not a directory" if path.exists() else "no such directory"
+        raise RetrofitRunError(f"--init-from-hf {path}: {what} (a local Hugging Face model "
+                               "directory is expected; nothing is downloaded)")  # fmt: skip
     if not (path / "config.json").is_file():
         raise RetrofitRunError(f"--init-from-hf {path} is not a Hugging Face model directory "
                                "(no config.json)")  # fmt: skip
