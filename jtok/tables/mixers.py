@@ -58,7 +58,6 @@ from jtok.tables.store import OwnerMixedRows
 _CACHE_LIMIT = 256  # entries per cache below; a cache that outgrows it starts afresh
 _constants: dict[tuple, Tensor] = {}
 _offsets: dict[tuple, Tensor] = {}
-_bag_start_memo: tuple = ()  # (inverse_N, its version, n, inverse_N * n): one per forward
 
 
 def _const(value: float, like: Tensor) -> Tensor:
@@ -96,24 +95,6 @@ def _bag_offsets(n_bags: int, bag_size: int, device: torch.device) -> Tensor:
             found = torch.arange(0, n_bags * bag_size, bag_size, device=device)
         _offsets[key] = found
     return found
-
-
-def _bag_start(inverse_N: Tensor, n_tables: int) -> Tensor:
-    """inverse_N * n as (N, 1): row of position p's first table in a layer's (U*n, d) block.
-    The same for every layer of a forward (and, for decoding, where the key caches its
-    identity map, of every step), so it is computed once."""
-    global _bag_start_memo
-    if torch.compiler.is_compiling():
-        return inverse_N.unsqueeze(1) * n_tables
-    # An inference tensor has no version counter (and cannot be written into outside
-    # inference mode); any other inverse is recomputed if it was written into.
-    version = None if inverse_N.is_inference() else inverse_N._version
-    memo = _bag_start_memo  # one read: another thread may replace it meanwhile
-    if memo and memo[0] is inverse_N and memo[1] == version and memo[2] == n_tables:
-        return memo[3]
-    start_N1 = inverse_N.unsqueeze(1) * n_tables
-    _bag_start_memo = (inverse_N, version, n_tables, start_N1)
-    return start_N1
 
 
 def _router_logits(h_ND: Tensor, router_ED: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -299,7 +280,7 @@ class JTokM(nn.Module):
             # gathered rows, and its backward is a single scatter-add. torch.embedding_bag
             # is what F.embedding_bag calls, minus its argument checks and per-call offsets.
             n_tables, width = rows_UnD.shape[1], rows_UnD.shape[-1]
-            bag_NK = _bag_start(inverse_N, n_tables) + index_NK
+            bag_NK = inverse_N.unsqueeze(1) * n_tables + index_NK
             e_ND = torch.embedding_bag(
                 _fp32(rows_UnD.reshape(-1, width)), bag_NK.reshape(-1),
                 _bag_offsets(bag_NK.shape[0], bag_NK.shape[1], bag_NK.device),
