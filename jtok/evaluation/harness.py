@@ -217,10 +217,10 @@ def _compare(args, names: list[str], include: list[Path]) -> int:
     scored = [(run, *_score(args, run, names, manager, log_samples=True))
               for run in args.compare]  # fmt: skip
     splits = _splits(scored[0][1], names, benchmarks)
-    base = _per_item(scored[0][1], names)
+    per_run = [_per_item(results, names) for _, results, _ in scored]
+    base = per_run[0]
     rows: dict[str, dict] = {}
-    for run, results, step in scored:
-        items = _per_item(results, names)
+    for (run, _, step), items in zip(scored, per_run, strict=True):
         for metric in METRICS:
             for task, by_item in items[metric].items():
                 row = rows.setdefault(task, {"split": splits.get(task, "?"), "runs": {}})
