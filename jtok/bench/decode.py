@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from jtok.bench.paired import quartile_text, ratio_summary
-from jtok.bench.train_step import variant_config, zipf_token_batches
+from jtok.bench.train_step import HostTableSteps, variant_config, zipf_token_batches
 from jtok.config import ModelConfig, TrainConfig
 from jtok.errors import JTokError
 from jtok.flops import summarize
@@ -119,14 +119,7 @@ def check_host_placement(cfg: ModelConfig, device: torch.device, strict: bool) -
     opts = Optimizers(model, TrainConfig(lr=1e-3))
     ids = zipf_token_batches(cfg.vocab_size, 2, min(16, cfg.max_seq_len - 1), 1, seed=1)[0]
     ids = ids.to(device)
-    out = model(ids[:, :-1])
-    loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
-    (loss + out.aux_loss).backward()
-    pulled = store.pull_gradients()
-    with store.step_lock():
-        opts.step()
-    store.after_step(pulled)
-    opts.zero_grad()
+    HostTableSteps(model, opts, [ids]).step()  # the trainer's order of a host-table step
     _sync(device)
     weight = store.weight
     state = [t for opt in opts.optimizers for p, s in opt.state.items() if p is weight
