@@ -351,10 +351,10 @@ def plain_jtokm(mod, h_in, h_tilde, m, rows_UnD, inverse_N):
     return out.view_as(m)
 
 
-@pytest.mark.parametrize("seq", [1, 9])  # decoding (identity inverse) and a deduplicated batch
-@pytest.mark.parametrize("grad", [False, True])
-def test_jtokm_layer_equals_the_plain_formulation_bit_for_bit(seq, grad):
-    cfg = tiny(tokmod__kind="jtokm", tokmod__n_e="5", tokmod__top_k="2")
+def jtokm_layer_case(seq, n_e=5, top_k=2):
+    """A JTok-M layer with random scale and router, its model, ids with a repeated id, and
+    random (h, h~, m) of 3 rows x seq positions."""
+    cfg = tiny(tokmod__kind="jtokm", tokmod__n_e=str(n_e), tokmod__top_k=str(top_k))
     model = build_model(cfg, seed=2)
     mod = model.blocks[0].tokmod
     with torch.no_grad():
@@ -364,6 +364,13 @@ def test_jtokm_layer_equals_the_plain_formulation_bit_for_bit(seq, grad):
     ids[1, 0] = ids[0, 0]  # a repeated id
     gen = torch.Generator().manual_seed(3)
     h, h_tilde, m = (torch.randn(3, seq, cfg.d_model, generator=gen) for _ in range(3))
+    return model, mod, ids, (h, h_tilde, m)
+
+
+@pytest.mark.parametrize("seq", [1, 9])  # decoding (identity inverse) and a deduplicated batch
+@pytest.mark.parametrize("grad", [False, True])
+def test_jtokm_layer_equals_the_plain_formulation_bit_for_bit(seq, grad):
+    model, mod, ids, (h, h_tilde, m) = jtokm_layer_case(seq)
     with torch.set_grad_enabled(grad):
         rows = model.token_tables.lookup(ids)
         out, aux = mod(h, h_tilde, m, rows.layers[0], rows.inverse_N)
@@ -441,3 +448,66 @@ def test_inference_mode_decoding_then_training_in_one_process(kind):
     out = model(ids)
     (out.logits.square().mean() + out.aux_loss).backward()
     assert model.token_tables.weight.grad is not None
+
+
+# ---- the inference spelling for torch.compile (issue 12, compiled decoding) ----------------
+
+
+@pytest.mark.parametrize("seq", [1, 9])
+@pytest.mark.parametrize("n_e,top_k", [(5, 2), (8, 3)])
+def test_compiled_inference_spelling_equals_the_plain_formulation(seq, n_e, top_k):
+    """`_compiled_inference` (what a compiled JTok-M layer runs without autograd) computes
+    Eq 10-13 to fp32 rounding; run eagerly here, so the test checks the spelling itself."""
+    from jtok.tables.mixers import _compiled_inference
+
+    model, mod, ids, (h, h_tilde, m) = jtokm_layer_case(seq, n_e, top_k)
+    with torch.no_grad():
+        rows = model.token_tables.lookup(ids)
+        out = _compiled_inference(mod, h, h_tilde, m, rows.layers[0], rows.inverse_N)
+        expected = plain_jtokm(mod, h, h_tilde, m, rows.layers[0], rows.inverse_N)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_inference_spelling_breaks_ties_toward_the_lower_table():
+    from jtok.tables.mixers import _compiled_inference
+
+    cfg = tiny(tokmod__kind="jtokm", tokmod__n_e="6", tokmod__top_k="2")
+    model = build_model(cfg, seed=2)
+    mod = model.blocks[0].tokmod
+    with torch.no_grad():
+        mod.router.zero_()  # every logit 0: all six tables tie
+        mod.scale.fill_(1.0)
+    ids = random_ids(cfg, batch=2, seq=1, seed=1)
+    h = torch.randn(2, 1, cfg.d_model)
+    zero = torch.zeros_like(h)
+    with torch.no_grad():
+        rows = model.token_tables.lookup(ids)
+        out = _compiled_inference(mod, h, zero, zero, rows.layers[0], rows.inverse_N)
+    e = rows.layers[0][:, :2].mean(1)  # tables 0 and 1, weighted alike
+    expected = e / (e.norm(dim=-1, keepdim=True) + mod.eps) * mod.residual_factor
+    torch.testing.assert_close(out.view_as(expected), expected)
+
+
+def test_compiled_model_decodes_the_eager_models_logits():
+    """torch.compile of a JTok-M model gives the eager model's logits for a decode step
+    with a KV cache (one token per row: one graph, no break; the compiled layers run
+    `_compiled_inference`)."""
+    from jtok.nn.model import KVCache
+
+    cfg = tiny(tokmod__kind="jtokm", tokmod__n_e="5", tokmod__top_k="2", n_layers="2")
+    model = build_model(cfg, seed=2).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.tokmod.router.normal_()
+            block.tokmod.scale.normal_()
+    compiled = torch.compile(model, dynamic=False)
+    ids = random_ids(cfg, batch=2, seq=5, seed=4)
+    nxt = random_ids(cfg, batch=2, seq=1, seed=5)
+    with torch.no_grad():
+        results = []
+        for forward in (model, compiled):
+            cache = KVCache.empty(cfg, 2, max_len=8)
+            model(ids, cache=cache)  # the prompt, eagerly
+            results.append(forward(nxt, cache=cache).logits)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)

@@ -54,6 +54,10 @@ from jtok.tables.store import OwnerMixedRows
 # batch's shape are cached, no-op dtype casts are skipped, and the backward passes of Eq 10
 # and Eq 13 are hand-written with fewer full-width passes. The forward values are
 # bit-identical to the plain formulas (tests/test_tokmod.py checks both paths).
+# Under torch.compile without autograd a JTok-M layer runs `_compiled_inference` instead,
+# which inductor fuses into a few loops: eager, no op count reaches the issue's 3% decode
+# budget (about six calls per layer), compiled the same model decodes at about 1.02x the
+# baseline (benchmarks/README.md).
 
 _CACHE_LIMIT = 256  # entries per cache below; a cache that outgrows it starts afresh
 _constants: dict[tuple, Tensor] = {}
@@ -271,6 +275,9 @@ class JTokM(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         # The balance loss only trains the router: skipped where nothing is trained.
         grad = torch.is_grad_enabled()
+        if (not grad and self.l2_normalize and torch.compiler.is_compiling()
+                and not isinstance(rows_UnD, OwnerMixedRows)):  # fmt: skip
+            return _compiled_inference(self, h_in, h_tilde, m, rows_UnD, inverse_N), None
         weights_NK, index_NK, probs_NE = self.route(h_in, need_probs=grad)
         if isinstance(rows_UnD, OwnerMixedRows):  # sharded store: Eq 12 done at the owners
             e_ND = rows_UnD.mix(weights_NK, index_NK)
@@ -301,3 +308,45 @@ class JTokM(nn.Module):
             h_out = base + self.residual_factor * e * self.scale.float()
         aux = balance_loss(probs_NE, index_NK) if grad else None
         return (h_out if h_out.dtype == h_tilde.dtype else h_out.to(h_tilde.dtype)), aux
+
+
+def _compiled_inference(layer: JTokM, h_in: Tensor, h_tilde: Tensor, m: Tensor,
+                        rows_UnD: Tensor, inverse_N: Tensor) -> Tensor:  # fmt: skip
+    """Eq 10-13 without autograd, spelled for inductor (torch.compile of inference).
+
+    Decoding a token runs this layer on a handful of rows, where every library call the
+    compiled graph keeps (a matmul, ``topk``, ``embedding_bag``) costs more in dispatch than
+    its arithmetic. Here each step is a reduction, an elementwise op or an indexed load,
+    which inductor fuses into a few generated loops with the surrounding residual adds:
+    - Eq 10: the n_e logits as sum_d h_d R_ed (a reduction, like |h|^2 beside it);
+    - Eq 11: the top-K by K rounds of argmax over the scores with the chosen entries
+      masked out (K is 2-8; ties go to the lower table index, where ``topk`` leaves the
+      order unspecified), then the sigmoid weights renormalised over the K;
+    - Eq 12: the K rows read by index from the layer's (U, n, d) block and summed;
+    - Eq 13 as in `_add_scaled_unit`.
+    The values equal the eager path's up to the order of floating-point sums (tested)."""
+    d = h_in.shape[-1]
+    h_ND = _fp32(h_in.reshape(-1, d))
+    router_ED = _fp32(layer.router)
+    sumsq_N1 = (h_ND * h_ND).sum(-1, keepdim=True)
+    rstd_N1 = torch.rsqrt(sumsq_N1 / d + layer.norm_eps)
+    logits_NE = (h_ND[:, None, :] * router_ED[None, :, :]).sum(-1) * rstd_N1  # Eq 10
+    scores_NE = torch.sigmoid(logits_NE)
+    masked_NE = scores_NE
+    table_ids = torch.arange(scores_NE.shape[-1], device=scores_NE.device)
+    rows_ND = _fp32(rows_UnD)[inverse_N]  # (N, n, d): the position's n candidate rows
+    e_ND = None
+    total_N1 = None
+    for _ in range(layer.top_k):  # Eq 11: the k-th largest score, then mask it out
+        pick_N1 = masked_NE.argmax(-1, keepdim=True)
+        weight_N1 = scores_NE.gather(-1, pick_N1)
+        row_ND = rows_ND.gather(1, pick_N1[:, :, None].expand(-1, 1, d)).squeeze(1)
+        e_ND = weight_N1 * row_ND if e_ND is None else e_ND + weight_N1 * row_ND  # Eq 12
+        total_N1 = weight_N1 if total_N1 is None else total_N1 + weight_N1
+        masked_NE = torch.where(table_ids == pick_N1, float("-inf"), masked_NE)
+    e_ND = e_ND / total_N1
+    base = _fp32(h_tilde + m)
+    e = e_ND.view(base.shape)
+    norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)  # Eq 13
+    h_out = base + _fp32(layer.scale) * (e * (layer.residual_factor / (norm + layer.eps)))
+    return h_out if h_out.dtype == h_tilde.dtype else h_out.to(h_tilde.dtype)

@@ -104,7 +104,12 @@ class _TableLayout:
 
     def _offsets(self, device: torch.device) -> tuple[Tensor, Tensor]:
         # Two small constant tensors, made once per device: rebuilding them each forward is
-        # two kernel launches of pure overhead when decoding one token.
+        # two kernel launches of pure overhead when decoding one token. Under torch.compile
+        # fresh ones, which the compiler folds (a cache would be a side effect to replay
+        # on every call).
+        if torch.compiler.is_compiling():
+            return (torch.arange(len(self.layers), device=device)[:, None] * self.vocab_size,
+                    torch.arange(self.tables_per_layer, device=device))  # fmt: skip
         cache = self.__dict__.setdefault("_offset_cache", {})
         if device not in cache:
             layer_start = torch.arange(len(self.layers), device=device) * self.vocab_size
@@ -142,7 +147,10 @@ class TokenTables(_TableLayout, nn.Module):
 
     def rows(self, keys: RowKeys, device: torch.device | None = None) -> TokenRows:
         """One gather for all layers; the rows live where the Parameter does."""
-        rows = F.embedding(self.row_index(keys.distinct_U), self.weight, sparse=self.sparse_grad)
+        # A sparse gradient only where one is taken: inductor lowers the plain gather into its
+        # own loops (fused with the layers that read it), the sparse one stays a library call.
+        sparse = self.sparse_grad and torch.is_grad_enabled()
+        rows = F.embedding(self.row_index(keys.distinct_U), self.weight, sparse=sparse)
         return TokenRows(self.split_layers(rows, keys.count), keys.inverse_N)
 
 
