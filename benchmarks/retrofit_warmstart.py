@@ -123,7 +123,8 @@ def run_variant(kind: str, scale_init: float, scale_lr_mult: float, steps: int,
     freeze_backbone(model)
     model.train()
     train_cfg = TrainConfig(
-        lr=3e-3, schedule="constant", warmup_steps=0, scale_lr_mult=scale_lr_mult
+        lr=3e-3, schedule="constant", warmup_steps=0, scale_lr_mult=scale_lr_mult,
+        table_lr_mult=30.0,  # the multiplier the committed figures were measured with
     )  # the retrofit scales' own role ("scale")
     optimizers = Optimizers(model, train_cfg)
     params = [p for _, p, _ in optimizers.roles]

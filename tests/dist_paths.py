@@ -68,7 +68,8 @@ def compare_paths(out: str) -> None:
     # Adam's eps at 1e-6, not 1e-8: a gradient component near eps turns fp32 rounding into
     # a visible difference of its step (tests/test_parallel.py, assert_weights_close); the
     # paths' equality is the gradients', checked at every step, not Adam's.
-    tcfg = TrainConfig(data="unused", lr=3e-3, warmup_steps=0, adam_eps=1e-6)
+    tcfg = TrainConfig(data="unused", lr=3e-3, warmup_steps=0, adam_eps=1e-6,
+                       table_lr_mult=30.0, embed_lr_mult=1.0)  # as tiny_run_config
     runs = {}
     for path in ("raw", "premixed"):
         model = build_model(cfg, seed=0, table_placement="sharded").train()

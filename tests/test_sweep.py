@@ -150,7 +150,7 @@ def test_a_changed_spec_does_not_mix_with_runs_already_done(tiny_data, tmp_path)
     # Same run names, another table LR: the finished run is not silently reused.
     spec["base"]["train"]["table_lr_mult"] = 3.0
     write_spec(tmp_path, spec)
-    with pytest.raises(SweepError, match=r"jtokm__D256 .*train.table_lr_mult: 30.0 -> 3.0"):
+    with pytest.raises(SweepError, match=r"jtokm__D256 .*train.table_lr_mult: 300.0 -> 3.0"):
         run_sweep(path, out, progress=False, log=lambda m: None)
     assert (out / "results.jsonl").read_text() == before  # nothing trained or appended
 

@@ -28,7 +28,7 @@ Choices the paper leaves OPEN, and what we chose:
   output-projection init does.
 - One kind per model (JTok or JTok-M), on any subset of layers (``tokmod.layers``).
 - Optimisation (outside this module): tables take a much larger step than the matrices
-  (`TrainConfig.table_lr_mult`, 30 by default) and no weight decay. Measured in the demo
+  (`TrainConfig.table_lr_mult`, 300 by default) and no weight decay. Measured in the demo
   setting: with the matrices' step JTok-M ends worse than the baseline, because its
   additive update stays near random for hundreds of steps.
 """
