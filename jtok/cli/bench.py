@@ -213,7 +213,8 @@ def register(sub) -> None:
     decode.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                         help="where the model runs (default auto: CUDA when available)")
     decode.add_argument("--compile", action="store_const", const=True, default=None,
-                        help="torch.compile every model (dynamic shapes), baseline included")
+                        help="torch.compile every model (automatic dynamic shapes), "
+                             "baseline included")
     decode.add_argument("--no-host-check", dest="host_check", action="store_const",
                         const=False, default=None,
                         help="skip the one-step training check of where host tables and "
