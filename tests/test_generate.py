@@ -345,3 +345,25 @@ def test_cli_mistakes_are_one_line_before_loading(args, fragment, trained_run, t
     assert code == 2 and out == "", (code, out, err)
     assert len(err.splitlines()) == 1 and err.startswith("jtok generate: error: "), err
     assert fragment in err, err
+
+
+# ---- compiled generation (issue 12: the compiled decode path) ------------------------------
+
+
+def test_compiled_generation_equals_eager_generation(trained_run):
+    """`generate_batch(compile=True)` runs the compiled forward (JTok-M layers in their
+    inductor spelling) and chooses the eager model's ids. Host tables: the rows fetched
+    ahead are handed to the compiled forward resolved. (Kept small: every new shape is a
+    compilation of seconds; tests/test_tokmod.py checks the compiled logits.)"""
+    run_dir = trained_run("dense-jtokm")
+    model = load(run_dir, "host")
+    prompts = prompts_of(run_dir, long=False)[:3]
+    reference = [reference_greedy(model, p, 3) for p in prompts]
+    compiled = generate_batch(model, prompts, 3, compile=True)
+    forward = model.__dict__.get("_jtok_compiled_forward")
+    assert forward is not None  # the compiled forward ran
+    compare_rows(compiled, reference, "compiled")
+    compare_rows(generate_batch(model, prompts, 3), reference, "eager")
+    # Compiled once per model: a second call reuses it.
+    generate_batch(model, prompts[:1], 1, compile=True)
+    assert model.__dict__["_jtok_compiled_forward"] is forward

@@ -36,6 +36,7 @@ from jtok.bench.train_step import HostTableSteps, variant_config, zipf_token_bat
 from jtok.config import ModelConfig, TrainConfig
 from jtok.errors import JTokError
 from jtok.flops import summarize
+from jtok.inference.compiled import compile_for_decoding
 from jtok.nn.model import JTokModel, KVCache, build_model
 from jtok.tables.keys import inverse_to
 from jtok.tables.store import TokenRows
@@ -248,25 +249,6 @@ def decode_once(config: _Config, prompt_BT: torch.Tensor, new_tokens: int,
         wall, cpu = wall + step_wall, cpu + step_cpu
     _sync(device)
     return prefill_s, wall, cpu, decoder.ids
-
-
-def compile_for_decoding(model: JTokModel):
-    """`model`'s forward under torch.compile. Shapes are left to Dynamo's automatic dynamism
-    (``dynamic=None``): the first recompile marks the sizes that changed (the KV cache's
-    position, the batch) dynamic, and everything that never changes stays a constant.
-    ``dynamic=True`` would also turn every float attribute of every module (norm and
-    table eps, JTok-M's depth factor) into a graph input, made into a tensor on every
-    call: 18 extra tensors per JTok-M decode step at L = 6, about 4% of its time on a CPU.
-    Dynamo keeps its compiled graphs (and a limit on their number) per code object;
-    each model gets its own copy of the forward's code, so that the variants' graphs
-    neither evict one another nor have their guards tried on every call of the others."""
-    import types
-
-    plain = type(model).forward
-    code = plain.__code__.replace(co_name=f"forward_{id(model):x}")
-    fresh = types.FunctionType(code, plain.__globals__, code.co_name, plain.__defaults__,
-                               plain.__closure__)  # fmt: skip
-    return torch.compile(types.MethodType(fresh, model), dynamic=None)
 
 
 def share_backbone(source: torch.nn.Module, target: torch.nn.Module) -> None:

@@ -82,7 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     eot = tokenizer.token_to_id(EOT_TOKEN)
     news = generate_batch(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
                           args.top_p, args.seed, stop_ids=() if eot is None else (eot,),
-                          batch_size=args.batch_size)  # fmt: skip
+                          batch_size=args.batch_size, compile=args.compile)  # fmt: skip
     for (_, text), ids, new in zip(prompts, prompt_ids, news, strict=True):
         reason = _stop_reason(new, len(ids), eot, context)
         completion_ids = new[:-1] if reason == "eot" else new
@@ -122,4 +122,7 @@ def register(sub) -> None:
     ge.add_argument("--table-placement", choices=["device", "host"], default="device",
                     help="keep the tables on the model's device or in host memory")
     ge.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    ge.add_argument("--compile", action="store_true",
+                    help="run the model under torch.compile: faster decoding after tens of "
+                         "seconds of compilation (worth it for long generations)")
     ge.set_defaults(handler=cmd_generate)

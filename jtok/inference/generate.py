@@ -18,9 +18,11 @@ from collections.abc import Sequence
 import torch
 
 from jtok.errors import JTokError
+from jtok.inference.compiled import compiled_forward
 from jtok.inference.sampling import choose_next, filter_logits
 from jtok.nn.model import JTokModel, KVCache
 from jtok.tables.keys import inverse_to
+from jtok.tables.store import TokenRows
 
 __all__ = ["GenerationError", "filter_logits", "generate", "generate_batch"]
 
@@ -62,7 +64,7 @@ def _stop_sets(stop_ids, n: int) -> list[frozenset[int]]:
 @torch.no_grad()
 def generate_batch(model: JTokModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                   stop_ids=(), batch_size: int | None = None,
+                   stop_ids=(), batch_size: int | None = None, compile: bool = False,
                    ) -> list[list[int]]:  # fmt: skip
     """Continue every prompt; returns the new ids of each, in the prompts' order.
 
@@ -71,7 +73,8 @@ def generate_batch(model: JTokModel, prompts: Sequence[Sequence[int]], max_new_t
     `max_new_tokens`, when its context reaches max_seq_len, or at a stop id (which ends
     its list). `stop_ids`: ids for every prompt, or one collection of ids per prompt.
     `batch_size` caps how many rows run together (default: all); prompts are grouped by
-    length, so a batch holds little padding.
+    length, so a batch holds little padding. `compile`: run the model's forward under
+    torch.compile (jtok.inference.compiled; compiled once per model and process).
     """
     _check_settings(model, prompts, max_new_tokens, temperature, top_k, top_p)
     stops = _stop_sets(stop_ids, len(prompts))
@@ -79,6 +82,9 @@ def generate_batch(model: JTokModel, prompts: Sequence[Sequence[int]], max_new_t
         raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
     if not isinstance(model, JTokModel) and hasattr(model, "generate_batch"):
         # A retrofitted HF model (jtok.hf.retrofit_run.RetrofitLM) decodes with HF generate.
+        if compile:
+            raise GenerationError("compile is for jtok's own models; a retrofitted Hugging "
+                                  "Face model decodes with its generate()")  # fmt: skip
         return model.generate_batch(prompts, max_new_tokens, temperature, top_k, top_p, seed,
                                     stops, batch_size)  # fmt: skip
     context = model.cfg.max_seq_len
@@ -91,10 +97,11 @@ def generate_batch(model: JTokModel, prompts: Sequence[Sequence[int]], max_new_t
     results: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
+    forward = compiled_forward(model) if compile else model
     try:
         for begin in range(0, len(order), size):
             rows = order[begin : begin + size]
-            news = _generate_rows(model, [prompts[i] for i in rows], rows,
+            news = _generate_rows(model, forward, [prompts[i] for i in rows], rows,
                                   [budgets[i] for i in rows], [stops[i] for i in rows],
                                   temperature, top_k, top_p, seed)  # fmt: skip
             for i, new in zip(rows, news, strict=True):
@@ -104,10 +111,11 @@ def generate_batch(model: JTokModel, prompts: Sequence[Sequence[int]], max_new_t
     return results
 
 
-def _generate_rows(model: JTokModel, prompts: list[Sequence[int]], rows: list[int],
+def _generate_rows(model: JTokModel, forward, prompts: list[Sequence[int]], rows: list[int],
                    budgets: list[int], stops: list[frozenset[int]], temperature: float,
                    top_k: int, top_p: float, seed: int) -> list[list[int]]:  # fmt: skip
-    """One batch: left-padded prefill, then one token per running row and step."""
+    """One batch: left-padded prefill, then one token per running row and step. `forward`
+    is the model itself or its compiled forward."""
     param = next(model.parameters())
     device = param.device
     lengths = [len(p) for p in prompts]
@@ -122,7 +130,7 @@ def _generate_rows(model: JTokModel, prompts: list[Sequence[int]], rows: list[in
     store = model.token_tables
     host_fetch = store is not None and hasattr(store, "fetch")
 
-    logits_BV = model(ids.to(device), cache=cache).logits[:, -1]
+    logits_BV = forward(ids.to(device), cache=cache).logits[:, -1]
     if not bool(torch.isfinite(logits_BV).all()):
         # A diverged checkpoint: its "completions" would be noise, not a result.
         raise GenerationError("the model's logits are not finite (NaN or Inf): the checkpoint "
@@ -147,10 +155,15 @@ def _generate_rows(model: JTokModel, prompts: list[Sequence[int]], rows: list[in
             keys = store.key(next_ids)
             keys.inverse_N = inverse_to(keys.inverse_N, device)
             token_rows = store.consume(store.fetch(keys, device))
+            if forward is not model:
+                # A compiled forward gets the rows resolved: waiting for the gather inside
+                # the graph would break it in the layer loop.
+                token_rows = TokenRows(token_rows.layers, token_rows.inverse_N)
         if len(keep) < len(running):
             cache.select(torch.tensor(keep, device=device))
             running = [running[j] for j in keep]
-        logits_BV = model(next_ids.to(device), cache=cache, token_rows=token_rows).logits[:, -1]
+        logits_BV = forward(next_ids.to(device), cache=cache,
+                            token_rows=token_rows).logits[:, -1]  # fmt: skip
         step += 1
 
 
