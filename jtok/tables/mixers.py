@@ -108,13 +108,18 @@ def _router_logits(h_ND: Tensor, router_ED: Tensor, eps: float) -> tuple[Tensor,
     same logits with fewer full-width passes over h. The values are those of
     rsqrt(h.square().mean(-1) + eps) exactly: vecdot(h, h) is square-then-sum, mean is
     sum-then-divide, and addcdiv(eps, s, d) is s / d + eps, in fewer dispatches."""
-    d = h_ND.shape[-1]
+    rstd_N1 = _rstd(h_ND, eps)
+    z_NE = F.linear(h_ND, router_ED)
+    return z_NE * rstd_N1, z_NE, rstd_N1
+
+
+def _rstd(h_ND: Tensor, eps: float) -> Tensor:
+    """RMSNorm's 1 / sqrt(mean(h^2) + eps) per row, as (N, 1) (see `_router_logits`)."""
     # Out-of-place ops throughout: this also runs inside an autograd.Function's forward,
     # which torch.compile traces only without in-place aliasing.
     sumsq_N1 = torch.linalg.vecdot(h_ND, h_ND).unsqueeze(-1)
-    rstd_N1 = torch.rsqrt(torch.addcdiv(_const(eps, h_ND), sumsq_N1, _const(float(d), h_ND)))
-    z_NE = F.linear(h_ND, router_ED)
-    return z_NE * rstd_N1, z_NE, rstd_N1
+    return torch.rsqrt(torch.addcdiv(_const(eps, h_ND), sumsq_N1,
+                                     _const(float(h_ND.shape[-1]), h_ND)))  # fmt: skip
 
 
 class _RouterLogits(torch.autograd.Function):
@@ -318,7 +323,7 @@ def _compiled_inference(layer: JTokM, h_in: Tensor, h_tilde: Tensor, m: Tensor,
     compiled graph keeps (a matmul, ``topk``, ``embedding_bag``) costs more in dispatch than
     its arithmetic. Here each step is a reduction, an elementwise op or an indexed load,
     which inductor fuses into a few generated loops with the surrounding residual adds:
-    - Eq 10: the n_e logits as sum_d h_d R_ed (a reduction, like |h|^2 beside it);
+    - Eq 10: the n_e logits as sum_d h_d R_ed (a reduction, like |h|^2 in `_rstd`);
     - Eq 11: the top-K by K rounds of argmax over the scores with the chosen entries
       masked out (K is 2-8; ties go to the lower table index, where ``topk`` leaves the
       order unspecified), then the sigmoid weights renormalised over the K;
@@ -328,8 +333,7 @@ def _compiled_inference(layer: JTokM, h_in: Tensor, h_tilde: Tensor, m: Tensor,
     d = h_in.shape[-1]
     h_ND = _fp32(h_in.reshape(-1, d))
     router_ED = _fp32(layer.router)
-    sumsq_N1 = (h_ND * h_ND).sum(-1, keepdim=True)
-    rstd_N1 = torch.rsqrt(sumsq_N1 / d + layer.norm_eps)
+    rstd_N1 = _rstd(h_ND, layer.norm_eps)
     logits_NE = (h_ND[:, None, :] * router_ED[None, :, :]).sum(-1) * rstd_N1  # Eq 10
     scores_NE = torch.sigmoid(logits_NE)
     masked_NE = scores_NE
@@ -347,6 +351,6 @@ def _compiled_inference(layer: JTokM, h_in: Tensor, h_tilde: Tensor, m: Tensor,
     e_ND = e_ND / total_N1
     base = _fp32(h_tilde + m)
     e = e_ND.view(base.shape)
-    norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)  # Eq 13
-    h_out = base + _fp32(layer.scale) * (e * (layer.residual_factor / (norm + layer.eps)))
+    h_out = _add_scaled_unit(base, e, _fp32(layer.scale), layer.residual_factor,
+                             layer.eps)[0]  # Eq 13  # fmt: skip
     return h_out if h_out.dtype == h_tilde.dtype else h_out.to(h_tilde.dtype)

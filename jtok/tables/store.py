@@ -107,14 +107,15 @@ class _TableLayout:
         # two kernel launches of pure overhead when decoding one token. Under torch.compile
         # fresh ones, which the compiler folds (a cache would be a side effect to replay
         # on every call).
+        def made() -> tuple[Tensor, Tensor]:
+            layer_start = torch.arange(len(self.layers), device=device) * self.vocab_size
+            return layer_start[:, None], torch.arange(self.tables_per_layer, device=device)
+
         if torch.compiler.is_compiling():
-            return (torch.arange(len(self.layers), device=device)[:, None] * self.vocab_size,
-                    torch.arange(self.tables_per_layer, device=device))  # fmt: skip
+            return made()
         cache = self.__dict__.setdefault("_offset_cache", {})
         if device not in cache:
-            layer_start = torch.arange(len(self.layers), device=device) * self.vocab_size
-            cache[device] = (layer_start[:, None],
-                             torch.arange(self.tables_per_layer, device=device))  # fmt: skip
+            cache[device] = made()
         return cache[device]
 
     def split_layers(self, rows: Tensor, count: int) -> tuple[Tensor, ...]:
