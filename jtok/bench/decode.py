@@ -39,7 +39,6 @@ from jtok.flops import summarize
 from jtok.inference.compiled import compile_for_decoding
 from jtok.nn.model import JTokModel, KVCache, build_model
 from jtok.tables.keys import inverse_to
-from jtok.tables.store import TokenRows
 
 PLACEMENTS = ("device", "host")
 
@@ -196,15 +195,13 @@ class Decoder:
 
     def _rows(self, ids_BT: torch.Tensor):
         """The table rows of ids_BT, requested before the forward, or None (the model's
-        own lookup). Host tables: the gather starts at once, as in generate_batch; a
-        compiled forward gets them resolved (waiting for the gather inside the graph
-        would break it in the layer loop, and the whole forward would run eagerly)."""
+        own lookup). Host tables: the gather starts at once, as in generate_batch (a
+        compiled forward resolves the rows before its graph, jtok.inference.compiled)."""
         if not self.host:
             return None
         keys = self.tables.key(ids_BT)
         keys.inverse_N = inverse_to(keys.inverse_N, self.device)
-        rows = self.tables.consume(self.tables.fetch(keys, self.device))
-        return TokenRows(rows.layers, rows.inverse_N) if self.compiled else rows
+        return self.tables.consume(self.tables.fetch(keys, self.device))
 
     @torch.no_grad()
     def prefill(self, prompt_BT: torch.Tensor, new_tokens: int) -> float:

@@ -15,6 +15,7 @@ import types
 import torch
 
 from jtok.nn.model import JTokModel
+from jtok.tables.store import LazyTokenRows, TokenRows
 
 _ATTRIBUTE = "_jtok_compiled_forward"
 
@@ -34,7 +35,16 @@ def compile_for_decoding(model: JTokModel):
     code = plain.__code__.replace(co_name=f"forward_{id(model):x}")
     fresh = types.FunctionType(code, plain.__globals__, code.co_name, plain.__defaults__,
                                plain.__closure__)  # fmt: skip
-    return torch.compile(types.MethodType(fresh, model), dynamic=None)
+    compiled = torch.compile(types.MethodType(fresh, model), dynamic=None)
+
+    def forward(ids_BT, cache=None, token_rows=None):
+        # Rows fetched ahead (host tables) are resolved here, before the graph: waiting for
+        # the gather inside it would break the graph in the layer loop.
+        if isinstance(token_rows, LazyTokenRows):
+            token_rows = TokenRows(token_rows.layers, token_rows.inverse_N)
+        return compiled(ids_BT, cache=cache, token_rows=token_rows)
+
+    return forward
 
 
 def compiled_forward(model: JTokModel):

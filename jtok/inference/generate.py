@@ -22,7 +22,6 @@ from jtok.inference.compiled import compiled_forward
 from jtok.inference.sampling import choose_next, filter_logits
 from jtok.nn.model import JTokModel, KVCache
 from jtok.tables.keys import inverse_to
-from jtok.tables.store import TokenRows
 
 __all__ = ["GenerationError", "filter_logits", "generate", "generate_batch"]
 
@@ -155,10 +154,6 @@ def _generate_rows(model: JTokModel, forward, prompts: list[Sequence[int]], rows
             keys = store.key(next_ids)
             keys.inverse_N = inverse_to(keys.inverse_N, device)
             token_rows = store.consume(store.fetch(keys, device))
-            if forward is not model:
-                # A compiled forward gets the rows resolved: waiting for the gather inside
-                # the graph would break it in the layer loop.
-                token_rows = TokenRows(token_rows.layers, token_rows.inverse_N)
         if len(keep) < len(running):
             cache.select(torch.tensor(keep, device=device))
             running = [running[j] for j in keep]
