@@ -26,7 +26,7 @@ import numpy as np
 from scipy import stats
 
 from jtok.studies.fit import load_results
-from jtok.studies.fit.stats import fit_line
+from jtok.studies.fit.stats import fit_line, pooled_sd
 
 HERE = Path(__file__).parent
 PAPER_SLOPE = -0.0118  # loss per doubling of eta (METHOD.md)
@@ -52,18 +52,17 @@ def main() -> None:
     by_pool: dict[str, list[float]] = defaultdict(list)
     for variant, _, _, diff in paired:
         by_pool[variant].append(diff)
-    ss = sum(float(((np.asarray(d) - np.mean(d)) ** 2).sum()) for d in by_pool.values())
-    dof = sum(len(d) - 1 for d in by_pool.values())
-    seed_sd = math.sqrt(ss / dof) if dof else None
+    seed_sd, dof = pooled_sd(list(by_pool.values()))
     out["paired_seed_sd"], out["paired_seed_dof"] = seed_sd, dof
     etas = {e for _, _, e, _ in paired}
     if len(etas) < 2:
         print(f"{len(paired)} paired points at {len(etas)} eta value(s): no line yet")
     else:
         for key, rows in (("paired", paired), ("raw", points)):
-            line = fit_line(np.log2([r[2] for r in rows]), [r[3] for r in rows])
-            residual_sd = (math.sqrt((1 - line.r2) * float(np.var([r[3] for r in rows]))
-                                     * line.n / (line.n - 2)) if line.n > 2 else None)  # fmt: skip
+            x, y = np.log2([r[2] for r in rows]), np.asarray([r[3] for r in rows])
+            line = fit_line(x, y)
+            residual_sd = (math.sqrt(float(((y - line(x)) ** 2).sum()) / (line.n - 2))
+                           if line.n > 2 else None)  # fmt: skip
             out[key] = {"slope": line.slope, "slope_se": None if math.isnan(line.slope_se)
                         else line.slope_se, "ci95": interval(line), "r2": line.r2,
                         "n": line.n, "residual_sd": residual_sd}  # fmt: skip

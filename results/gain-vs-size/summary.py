@@ -21,6 +21,7 @@ import numpy as np
 from scipy import stats
 
 from jtok.studies.fit import load_results
+from jtok.studies.fit.stats import pooled_sd
 
 HERE = Path(__file__).parent
 
@@ -40,9 +41,7 @@ def main() -> None:
             gains[backbone].append(1 - value / base)
     backbones = sorted(gains, key=lambda name: size[name][0])
     # Within-size spread of the per-seed gains, pooled over sizes.
-    ss = sum(float(((np.asarray(g) - np.mean(g)) ** 2).sum()) for g in gains.values())
-    dof = sum(len(g) - 1 for g in gains.values())
-    sd = math.sqrt(ss / dof) if dof else None
+    sd, dof = pooled_sd(list(gains.values()))
     t95 = float(stats.t.ppf(0.975, dof)) if dof else None
     rows = []
     for name in backbones:

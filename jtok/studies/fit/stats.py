@@ -185,7 +185,7 @@ def headline_pairs(pairs: list[dict], laws: list[dict], treatment: str) -> list[
             if p["variant"] == treatment and (p["backbone"], p["amount"]) not in swept]
 
 
-def _pooled_sd(groups: list[list[float]]) -> tuple[float | None, int]:
+def pooled_sd(groups: list[list[float]]) -> tuple[float | None, int]:
     """Within-group sd pooled over groups of 2 or more values, and its degrees of freedom."""
     ss = sum(float(((np.asarray(g) - np.mean(g)) ** 2).sum()) for g in groups if len(g) > 1)
     dof = sum(len(g) - 1 for g in groups if len(g) > 1)
@@ -209,16 +209,16 @@ def seed_spread(runs: list[dict], baseline: str, treatment: str,
             base_by[where][run.get("seed")] = run[loss_field]
         elif run["variant"] == treatment:
             treat_by[(*where, run["eta"])][run.get("seed")] = run[loss_field]
-    sigma, dof = _pooled_sd(list(repeats.values()))
+    sigma, dof = pooled_sd(list(repeats.values()))
     diffs, gains = [], []
     for (*where, _), treat in treat_by.items():
         base = base_by.get(tuple(where), {})
         shared = [s for s in treat if s in base]
         diffs.append([treat[s] - base[s] for s in shared])
         gains.append([1 - treat[s] / base[s] for s in shared])
-    diff_sd, diff_dof = _pooled_sd(diffs)
+    diff_sd, diff_dof = pooled_sd(diffs)
     return {"sigma": sigma, "dof": dof, "diff_sd": diff_sd, "diff_dof": diff_dof,
-            "gain_sd": _pooled_sd(gains)[0]}  # fmt: skip
+            "gain_sd": pooled_sd(gains)[0]}  # fmt: skip
 
 
 def power_analysis(runs: list[dict], pairs: list[dict], laws: list[dict], baseline: str,
