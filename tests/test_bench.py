@@ -110,6 +110,15 @@ def test_bench_modes_refuse_the_other_modes_options(args, message, capsys, monke
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("mode", [[], ["decode"]])
+def test_bench_refuses_cuda_where_there_is_none(mode, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fits = [] if mode else ["--seq-len", "8"]  # the training step's default is over tiny's
+    code, _, err = run(["bench", *mode, "--device", "cuda", "--preset", "tiny", *fits], capsys)
+    assert code == 2 and "--device cuda: no CUDA device" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_train_mode_is_the_default_and_can_be_named(capsys):
     argv = ["--preset", "tiny", "--batch", "2", "--seq-len", "8", "--steps", "1", "--reps", "1",
             "--warmup", "0", "--variants", "jtokm", "--json"]
@@ -123,10 +132,13 @@ def test_train_mode_is_the_default_and_can_be_named(capsys):
 def test_train_mode_times_host_tables_as_the_trainer_steps_them(capsys):
     argv = ["bench", "--preset", "tiny", "--batch", "2", "--seq-len", "8", "--steps", "2",
             "--reps", "1", "--warmup", "1", "--variants", "jtokm", "--placements",
-            "device,host", "--json"]  # fmt: skip
+            "device,host", "--device", "cpu", "--json"]  # fmt: skip
     code, out, _ = run(argv, capsys)
     assert code == 0
-    variants = json.loads(out)["variants"]
+    result = json.loads(out)
+    assert result["device"] == "cpu"
+    variants = result["variants"]
+    assert all(v["accelerator_peak_bytes"] is None for v in variants.values())
     assert set(variants) == {"baseline", "jtokm", "jtokm/host"}
     assert variants["jtokm/host"]["table_placement"] == "host"
     assert variants["jtokm"]["table_placement"] == "device"

@@ -44,6 +44,26 @@ def test_row_adam_equals_independent_per_row_adam(wd):
     assert torch.equal(table.weight[untouched].detach(), weight[untouched])
 
 
+def test_row_adam_steps_only_rows_with_a_nonzero_gradient():
+    """A gathered row whose gradient is exactly zero (a JTok-M table nobody was routed to)
+    is not stepped; a row that is nonzero only below zero, or NaN, is."""
+    table = torch.nn.Embedding(6, 4, sparse=True)
+    before = table.weight.detach().clone()
+    opt = RowAdam(table.parameters(), lr=0.1)
+    ids = torch.tensor([1, 2, 3, 4])
+    probe = torch.tensor([[0.0, 0.0, 0.0, 0.0],           # row 1: zero gradient
+                          [-1.0, -2.0, -0.5, -3.0],       # row 2: all negative
+                          [0.0, 0.0, 2.0, 0.0],           # row 3: one positive entry
+                          [0.0, float("nan"), 0.0, 0.0]])  # row 4: NaN
+    (table(ids) * probe).sum().backward()
+    opt.step()
+    steps = opt.state[table.weight]["row_step"]
+    assert steps.tolist() == [0, 0, 1, 1, 1, 0]
+    assert torch.equal(table.weight[[0, 1, 5]].detach(), before[[0, 1, 5]])
+    assert not torch.equal(table.weight[2].detach(), before[2])
+    assert torch.isnan(table.weight[4]).any()
+
+
 def test_row_adam_refuses_dense_gradients():
     p = torch.nn.Parameter(torch.zeros(3, 2))
     p.grad = torch.ones(3, 2)

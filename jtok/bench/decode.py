@@ -118,8 +118,8 @@ def check_host_placement(cfg: ModelConfig, device: torch.device, strict: bool) -
     store = model.token_tables
     opts = Optimizers(model, TrainConfig(lr=1e-3))
     ids = zipf_token_batches(cfg.vocab_size, 2, min(16, cfg.max_seq_len - 1), 1, seed=1)[0]
-    ids = ids.to(device)
-    HostTableSteps(model, opts, [ids]).step()  # the trainer's order of a host-table step
+    # The trainer's order of a host-table step (keys from the host ids, compute on device).
+    HostTableSteps(model, opts, [ids], device).step()
     _sync(device)
     weight = store.weight
     state = [t for opt in opts.optimizers for p, s in opt.state.items() if p is weight

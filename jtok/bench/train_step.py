@@ -12,6 +12,10 @@ host memory (jtok.tables.host), stepped as the trainer steps them: the next batc
 are gathered on the store's background thread while this step computes, the rows'
 gradients are pulled to the host after backward, and RowAdam steps them under the store's
 lock. Those configurations are named "jtok/host" and "jtokm/host".
+
+On CUDA (``device``) every step ends with a synchronisation before its time is read, and
+each configuration's peak accelerator memory over its timed steps is reported; with host
+tables the keys are computed from the ids on the host, as the trainer computes them.
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ def zipf_token_batches(vocab: int, batch: int, seq_len: int, n_batches: int,
     return list(ids)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_step(model, optimizers: Optimizers, batch_ids: torch.Tensor) -> float:
     inputs, targets = batch_ids[:, :-1], batch_ids[:, 1:]
     out = model(inputs)
@@ -78,18 +87,24 @@ class HostTableSteps:
     the row optimizer steps under the store's lock, then the rows it changed are re-read
     for any gather already made (so the prefetch never changes a result)."""
 
-    def __init__(self, model, optimizers: Optimizers, batches: list[torch.Tensor]):
+    def __init__(self, model, optimizers: Optimizers, batches: list[torch.Tensor],
+                 device: torch.device | None = None):  # fmt: skip
+        """`batches` on the host; `device` is the model's (default: the batches')."""
         self.model, self.optimizers, self.batches = model, optimizers, batches
+        self.device = device if device is not None else batches[0].device
+        self.on_device = [b.to(self.device) for b in batches]
         self.store = model.token_tables
         self.next = 0
         self.pending = self._fetch(0)
 
     def _fetch(self, index: int):
-        ids = self.batches[index % len(self.batches)][:, :-1]
-        return self.store.fetch(self.store.key(ids), ids.device)
+        # The key from the host ids, its positions moved to the model (the trainer's order).
+        keys = self.store.key(self.batches[index % len(self.batches)][:, :-1])
+        keys.inverse_N = keys.inverse_N.to(self.device, non_blocking=True)
+        return self.store.fetch(keys, self.device)
 
     def step(self) -> float:
-        batch_ids = self.batches[self.next % len(self.batches)]
+        batch_ids = self.on_device[self.next % len(self.batches)]
         token_rows = self.store.consume(self.pending)
         self.next += 1
         self.pending = self._fetch(self.next)  # overlaps this step's compute
@@ -108,25 +123,28 @@ class HostTableSteps:
 def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_len: int,
                          steps: int, reps: int, warmup: int = 2, threads: int | None = None,
                          optimizer: str = "adamw", progress: bool = False,
-                         placements: tuple[str, ...] = ("device",)) -> dict:  # fmt: skip
+                         placements: tuple[str, ...] = ("device",),
+                         device: torch.device | str = "cpu") -> dict:  # fmt: skip
+    device = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)
     if "baseline" not in variants:
         variants = ["baseline", *variants]
     if "host" in placements and optimizer != "sparse":
         raise ValueError("host tables train with sparse gradients and RowAdam only")
-    batches = zipf_token_batches(cfg.vocab_size, batch, seq_len, n_batches=4)
+    host_batches = zipf_token_batches(cfg.vocab_size, batch, seq_len, n_batches=4)
+    batches = [b.to(device) for b in host_batches]
     runs = {}
     configs = [(v, "device") for v in variants if "device" in placements or v == "baseline"]
     configs += [(v, "host") for v in variants if v != "baseline" and "host" in placements]
     for variant, placement in configs:
         name = variant if placement == "device" else f"{variant}/{placement}"
         vcfg = variant_config(cfg, variant, sparse_grad=optimizer == "sparse")
-        model = build_model(vcfg, seed=0, table_placement=placement).train()
+        model = build_model(vcfg, seed=0, device=device, table_placement=placement).train()
         # The trainer's optimizer roles: AdamW by role, RowAdam for sparse-gradient tables.
         opts = Optimizers(model, TrainConfig(lr=1e-3))
         if placement == "host":  # its own batch order (it prefetches ahead): ids ignored
-            host_steps = HostTableSteps(model, opts, batches)
+            host_steps = HostTableSteps(model, opts, host_batches, device)
             steps_of = functools.partial(_ignore_ids, host_steps.step)
         else:
             steps_of = functools.partial(train_step, model, opts)
@@ -137,15 +155,22 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
 
     times: dict[str, list[float]] = {v: [] for v in variants}
     cpu_times: dict[str, list[float]] = {v: [] for v in variants}
+    peak: dict[str, int] = {}
     for rep in range(reps):
         order = variants[rep % len(variants):] + variants[: rep % len(variants)]
         for variant in order:
             run_step = runs[variant][1]
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             for step in range(steps):
                 run_step(batches[step % len(batches)])
+            _sync(device)
             times[variant].append((time.perf_counter() - start) / steps)
             cpu_times[variant].append((time.process_time() - start_cpu) / steps)
+            if device.type == "cuda":
+                peak[variant] = max(peak.get(variant, 0), torch.cuda.max_memory_allocated(device))
         if progress:
             print(f"rep {rep + 1}/{reps}: " + "  ".join(
                 f"{v} {times[v][-1] * 1e3:.0f} ms" for v in variants), file=sys.stderr)  # fmt: skip
@@ -154,7 +179,7 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
     result = {
         "backbone": {k: v for k, v in cfg.to_dict().items() if k != "tokmod"},
         "batch": batch, "seq_len": seq_len, "steps": steps, "reps": reps,
-        "optimizer": optimizer, "threads": torch.get_num_threads(),
+        "optimizer": optimizer, "threads": torch.get_num_threads(), "device": str(device),
         "torch": torch.__version__, "machine": platform.machine(),
         "unique_ids_per_batch": statistics.median(unique),
         "variants": {},
@@ -179,13 +204,15 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
             "ratio_to_baseline": paired_ratio(times, variant),
             "ratio_quartiles": ratio_summary(times[variant], times["baseline"])[1],
             "cpu_ratio_to_baseline": paired_ratio(cpu_times, variant),
+            "accelerator_peak_bytes": peak.get(variant),
         }
     return result
 
 
 def format_report(result: dict) -> str:
     head = (
-        f"train step, batch {result['batch']} x seq {result['seq_len']}, "
+        f"train step on {result.get('device', 'cpu')}, batch {result['batch']} x seq "
+        f"{result['seq_len']}, "
         f"{result['reps']} reps x {result['steps']} steps, optimizer {result['optimizer']}, "
         f"{result['threads']} threads, ~{result['unique_ids_per_batch']:.0f} distinct ids/batch"
     )

@@ -22,8 +22,7 @@ MODES = ("train", "decode")
 # Options of one mode only, with their defaults there (None elsewhere: given in the other
 # mode, they are refused rather than silently ignored).
 TRAIN_ONLY = {"batch": 8, "seq_len": 256, "steps": 5, "optimizer": "sparse"}
-DECODE_ONLY = {"batches": "1,16", "new_tokens": 64, "prompt_len": 32,
-               "device": "auto", "compile": False,
+DECODE_ONLY = {"batches": "1,16", "new_tokens": 64, "prompt_len": 32, "compile": False,
                "host_check": True, "share": True}  # fmt: skip
 WARMUP = {"train": 2, "decode": 1}
 PLACEMENTS_DEFAULT = {"train": "device", "decode": "device,host"}
@@ -115,23 +114,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if "host" in placements and not sparse:
         raise UsageError("--placements host: host tables train with sparse gradients and "
                          "RowAdam (--optimizer sparse)")  # fmt: skip
-    # Every configuration's model and optimizer are held at once, on the CPU.
-    held = [variant_config(cfg, v, sparse) for v in dict.fromkeys(["baseline", *variants])]
-    held += [variant_config(cfg, v, sparse) for v in variants
-             if v != "baseline" and len(placements) == 2]  # fmt: skip
-    check_memory(held, "cpu", training=True, batch=args.batch, seq_len=args.seq_len,
-                 what=f"jtok bench ({len(held)} configurations)")  # fmt: skip
+    device = _device(args.device)
+    # Every configuration's model and optimizer are held at once: the baseline, and each
+    # variant at each placement. On the CPU all of it is one memory; on an accelerator
+    # each placement's configurations are checked with their tables where they live.
+    tables = [variant_config(cfg, v, sparse) for v in variants if v != "baseline"]
+    groups = {p: tables for p in placements}
+    groups[placements[0]] = [variant_config(cfg, "baseline", sparse), *tables]
+    if device.type == "cpu":
+        groups = {"device": [c for held in groups.values() for c in held]}
+    for placement, held in groups.items():
+        if not held:  # --variants baseline: no tables to place
+            continue
+        where = "" if device.type == "cpu" else f", {placement} tables"
+        check_memory(held, device, training=True, batch=args.batch, seq_len=args.seq_len,
+                     table_placement=placement,
+                     what=f"jtok bench ({len(held)} configurations{where})")  # fmt: skip
     result = train_step_benchmark(
         cfg, variants=variants, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
         reps=args.reps, warmup=args.warmup, threads=args.threads, optimizer=args.optimizer,
-        progress=not args.json, placements=tuple(placements),
+        progress=not args.json, placements=tuple(placements), device=device,
     )  # fmt: skip
     _write(result, args, format_report)
     return 0
 
 
+def _device(preference: str):
+    """--device as a torch.device; CUDA asked for where there is none is a one-line error."""
+    import torch
+
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible to this torch; use cpu "
+                         "or auto")  # fmt: skip
+    return torch.device("cuda" if preference != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def _bench_decode(args: argparse.Namespace, cfg, variants: list[str]) -> int:
-    from jtok.parallel.distributed import resolve_device
     from jtok.parallel.resources import check_memory
 
     batches = parse_batches(args.batches)
@@ -140,7 +158,7 @@ def _bench_decode(args: argparse.Namespace, cfg, variants: list[str]) -> int:
     if length > cfg.max_seq_len:
         raise UsageError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} = "
                          f"{length} exceeds max_seq_len {cfg.max_seq_len}")  # fmt: skip
-    device = resolve_device(args.device)
+    device = _device(args.device)
 
     from jtok.bench.decode import decode_benchmark, format_report
     from jtok.bench.train_step import variant_config
@@ -191,6 +209,8 @@ def register(sub) -> None:
     bench.add_argument("--placements", default=None,
                        help="comma list of device, host: where the tables live (default: "
                        "device for the training step, both for decode)")  # fmt: skip
+    bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="where the models run (default auto: CUDA when available)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--out", type=Path, help="also write the JSON result here (a file in "
                        "an existing folder)")  # fmt: skip
@@ -210,8 +230,6 @@ def register(sub) -> None:
                         help="decode steps per run (default 64)")
     decode.add_argument("--prompt-len", type=positive_int, default=None,
                         help="prompt tokens per row (default 32)")
-    decode.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                        help="where the model runs (default auto: CUDA when available)")
     decode.add_argument("--compile", action="store_const", const=True, default=None,
                         help="torch.compile every model (automatic dynamic shapes), "
                              "baseline included")

@@ -67,8 +67,12 @@ class RowAdam(torch.optim.Optimizer):
                 exp_avg = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - beta1)
                 exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                state["exp_avg"].index_copy_(0, rows, exp_avg)
-                state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+                # index_put_ rather than index_copy_: the same rows written (each once, the
+                # rows are distinct), and on a CPU about 1.5x faster for scattered rows.
+                # (One (V, 2, d) tensor for both moments halves the scattered accesses but
+                # makes the elementwise ops below strided, several times slower: measured.)
+                state["exp_avg"].index_put_((rows,), exp_avg)
+                state["exp_avg_sq"].index_put_((rows,), exp_avg_sq)
 
                 # m_hat / (sqrt(v_hat) + eps) = (m * c2 / c1) / (sqrt(v) + eps * c2) with
                 # c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t): the per-row corrections fold
@@ -97,5 +101,10 @@ def _unique_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
         grad = grad.coalesce()
         rows = grad._indices()[0]
     values = grad._values()
-    used = values.reshape(values.shape[0], -1).any(dim=1)
-    return rows[used], values[used]
+    flat = values.reshape(values.shape[0], -1)
+    # A row is zero iff its max and min are: two reductions that allocate nothing, where
+    # any() on floats first writes an (R, d) "!= 0" temporary (about 2.5x slower on a CPU).
+    # NaN propagates through amax and is != 0, so a NaN row is kept, as any() keeps it.
+    used = torch.logical_or(flat.amax(dim=1) != 0, flat.amin(dim=1) != 0)
+    keep = used.nonzero().squeeze(1)
+    return rows.index_select(0, keep), values.index_select(0, keep)
