@@ -665,6 +665,12 @@ def build_cases(fx: Fixtures) -> list[Case]:  # noqa: C901 - a long list, on pur
     add("bench/train-with-decode-option", "bench", ["bench", *BENCH, "--batches", "1"])
     add("bench/threads-0", "bench", ["bench", *BENCH, "--threads", "0"])
     add("bench/seq-len-over-context", "bench", ["bench", *BENCH, "--seq-len", "100000"])
+    add("bench/device-bogus", "bench", ["bench", *BENCH, "--device", "tpu"])
+    import torch
+
+    if not torch.cuda.is_available():  # where CUDA is, these run on it
+        add("bench/device-cuda-without-cuda", "bench", ["bench", *BENCH, "--device", "cuda"])
+        add("bench/decode-device-cuda-without-cuda", "bench", [*DECODE, "--device", "cuda"])
     add("bench/variants-bogus", "bench", ["bench", *BENCH, "--variants", "bogus"])
     add("bench/variants-empty", "bench", ["bench", *BENCH, "--variants", ""])
     add("bench/variants-commas", "bench", ["bench", *BENCH, "--variants", ",,"])
