@@ -12,6 +12,13 @@ law needs three eta values within one variant), so this script fits the law itse
 - whether the law holds: the slope's interval excludes zero and the residual sd is no larger
   than the paired seed sd (the within-pool spread of the paired differences), i.e. the line
   leaves no curvature the seeds cannot explain.
+- the within-seed fit, the estimate the target is judged on once seeds beyond s1 are in:
+  loss = a_seed + slope * log2 eta over every pool run, a seed's own level removed by
+  centring its runs (the baseline is not needed, so the added seeds run only the extreme
+  pools, n_e 8 and 64, which carry the most information about the slope per run); the
+  slope's SE with n - seeds - 1 degrees of freedom; and a lack-of-fit F test of the line
+  against one free level per pool (from the seeds that ran every pool): the law holds if
+  the slope's interval excludes zero and the test does not reject the line (p > 0.05).
 Writes summary.json beside results.jsonl and prints the figures.
 
     python3 results/eta-power/summary.py
@@ -38,6 +45,53 @@ def interval(line) -> list[float] | None:
         return None
     half = float(stats.t.ppf(0.975, line.n - 2)) * line.slope_se
     return [line.slope - half, line.slope + half]
+
+
+def within_seed_fit(points: list[tuple[str, int, float, float]]) -> dict | None:
+    """The slope of loss on log2 eta with a free level per seed, and the line's lack of fit
+    against a free level per pool (a two-way additive model: seed + pool)."""
+    seeds = sorted({s for _, s, _, _ in points})
+    pools = sorted({v for v, _, _, _ in points})
+    x = np.log2([e for _, _, e, _ in points])
+    y = np.asarray([loss for _, _, _, loss in points])
+    seed_of = np.asarray([seeds.index(s) for _, s, _, _ in points])
+    xc, yc = x.copy(), y.copy()
+    for i in range(len(seeds)):  # centring within a seed removes its level
+        at = seed_of == i
+        xc[at] -= x[at].mean()
+        yc[at] -= y[at].mean()
+    sxx = float(xc @ xc)
+    dof = len(points) - len(seeds) - 1
+    if sxx == 0 or dof < 1:
+        return None
+    slope = float(xc @ yc) / sxx
+    rss_line = float(((yc - slope * xc) ** 2).sum())
+    se = math.sqrt(rss_line / dof / sxx)
+    half = float(stats.t.ppf(0.975, dof)) * se
+    out = {"slope": slope, "slope_se": se, "ci95": [slope - half, slope + half], "n": len(points),
+           "seeds": len(seeds), "dof": dof, "residual_sd": math.sqrt(rss_line / dof),
+           "r2_within": 1.0 - rss_line / float(yc @ yc) if float(yc @ yc) > 0 else 1.0}
+    # Lack of fit: the additive model seed + pool (one level per pool) against the line.
+    design = np.zeros((len(points), len(seeds) + len(pools) - 1))
+    for row, (variant, _, _, _) in enumerate(points):
+        design[row, seed_of[row]] = 1.0
+        if pools.index(variant) > 0:
+            design[row, len(seeds) + pools.index(variant) - 1] = 1.0
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    rss_full = float(((y - design @ coef) ** 2).sum())
+    dof_full = len(points) - np.linalg.matrix_rank(design)
+    extra = len(pools) - 2  # the pools' free levels beyond a line's two parameters
+    if dof_full > 0 and extra > 0 and rss_full > 0:
+        f = ((rss_line - rss_full) / extra) / (rss_full / dof_full)
+        out["lack_of_fit"] = {"F": f, "df": [extra, int(dof_full)],
+                              "p": float(stats.f.sf(f, extra, dof_full))}  # fmt: skip
+    else:
+        out["lack_of_fit"] = None
+    lof = out["lack_of_fit"]
+    out["target_met"] = se <= TARGET_SE
+    out["law_holds"] = (None if lof is None else
+                        bool((slope + half < 0 or slope - half > 0) and lof["p"] > 0.05))
+    return out
 
 
 def main() -> None:
@@ -81,6 +135,16 @@ def main() -> None:
         shown_sd = "-" if seed_sd is None else f"{seed_sd:.4f}"
         print(f"paper {PAPER_SLOPE:+.4f}; target SE <= {TARGET_SE}: {fit['target_met']}; "
               f"paired seed sd {shown_sd} ({dof} dof); law holds: {fit['law_holds']}")
+    within = within_seed_fit(points) if len(etas) >= 2 else None
+    out["within_seed"] = within
+    if within is not None:
+        lof = within["lack_of_fit"]
+        lof_text = "-" if lof is None else (f"F {lof['F']:.2f} on {lof['df'][0]}, "
+                                            f"{lof['df'][1]} df, p {lof['p']:.3f}")  # fmt: skip
+        print(f"within-seed slope {within['slope']:+.4f} (SE {within['slope_se']:.4f}, 95% CI "
+              f"[{within['ci95'][0]:+.4f}, {within['ci95'][1]:+.4f}], {within['seeds']} seeds, "
+              f"{within['n']} runs); lack of fit: {lof_text}; target met: "
+              f"{within['target_met']}; law holds: {within['law_holds']}")  # fmt: skip
     (HERE / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
