@@ -95,7 +95,7 @@ def check_training(cfg, state, batches, device) -> dict:
     }  # fmt: skip
 
 
-def check_generation(cfg, state, device) -> dict:
+def check_generation(cfg, state, device, compiled: bool = True) -> dict:
     """Greedy ids of mixed-length prompts: host vs device tables, compiled vs eager."""
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
@@ -104,16 +104,17 @@ def check_generation(cfg, state, device) -> dict:
     for placement in ("device", "host"):
         model = loaded(cfg, state, device, placement).eval()
         ids[placement] = generate_batch(model, prompts, max_new_tokens=12)
-        if placement == "device":
+        if placement == "device" and compiled:
             start = time.perf_counter()
             ids["device_compiled"] = generate_batch(model, prompts, max_new_tokens=12,
                                                     compile=True)  # fmt: skip
             ids["compile_s"] = round(time.perf_counter() - start, 1)
+    same_compiled = ids["device_compiled"] == ids["device"] if compiled else None
     return {
         "host_equals_device": ids["host"] == ids["device"],
-        "compiled_equals_eager": ids["device_compiled"] == ids["device"],
-        "compile_s": ids["compile_s"],
-        "ok": ids["host"] == ids["device"] and ids["device_compiled"] == ids["device"],
+        "compiled_equals_eager": same_compiled,
+        "compile_s": ids.get("compile_s"),
+        "ok": ids["host"] == ids["device"] and same_compiled is not False,
     }
 
 
@@ -134,11 +135,20 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__,
-        "training": check_training(cfg, state, batches, device),
-        "placement": check_host_placement(cfg, device, strict=True),
-        "generation": check_generation(cfg, state, device),
     }
-    report["ok"] = report["training"]["ok"] and report["generation"]["ok"]
+    checks = {
+        "training": lambda: check_training(cfg, state, batches, device),
+        "placement": lambda: check_host_placement(cfg, device, strict=True),
+        "generation": lambda: check_generation(cfg, state, device),
+    }
+    for name, check in checks.items():
+        # One failing check (an error on the device, a placement violation) is reported and
+        # the others still run: a device session is too short to rerun for the next one.
+        try:
+            report[name] = check()
+        except Exception as err:  # noqa: BLE001 - reported in the JSON, exit status 1
+            report[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+    report["ok"] = all(report[name].get("ok", False) for name in checks)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

@@ -8,9 +8,10 @@ import torch
 from conftest import tiny
 
 from jtok.bench.decode import _build, check_host_placement, decode_benchmark, decode_once
-from jtok.bench.train_step import variant_config
+from jtok.bench.train_step import variant_config, zipf_token_batches
 from jtok.cli import main
 from jtok.inference.generate import generate_batch
+from jtok.presets import preset
 
 
 def run(argv, capsys):
@@ -180,3 +181,23 @@ def test_ratio_summary_is_the_median_and_quartiles_of_paired_ratios():
     assert median == pytest.approx(1.1)
     assert (q1, q3) == (pytest.approx(1.0), pytest.approx(1.2))
     assert ratio_summary([3.0], [2.0]) == (1.5, [1.5, 1.5])
+
+
+def test_prepared_device_checks_pass_on_the_cpu():
+    """benchmarks/device_checks.py (the GPU session's correctness checks) runs and passes
+    where it is kept working between GPU sessions: on the CPU (compiled check left out)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "device_checks.py"
+    spec = importlib.util.spec_from_file_location("device_checks", path)
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    cfg = variant_config(preset("tiny"), "jtokm", sparse_grad=True)
+    batches = zipf_token_batches(cfg.vocab_size, 2, 16, n_batches=2)
+    state = checks.trained_state(cfg, batches, steps=5)
+    cpu = torch.device("cpu")
+    training = checks.check_training(cfg, state, batches, cpu)
+    assert training["ok"] and training["losses_host"] == training["losses_device"]
+    generation = checks.check_generation(cfg, state, cpu, compiled=False)
+    assert generation["ok"] and generation["host_equals_device"]
