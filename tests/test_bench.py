@@ -139,7 +139,7 @@ def test_train_mode_times_host_tables_as_the_trainer_steps_them(capsys):
     result = json.loads(out)
     assert result["device"] == "cpu"
     variants = result["variants"]
-    assert all(v["accelerator_peak_bytes"] is None for v in variants.values())
+    assert all(v["accelerator_step_peak_bytes"] is None for v in variants.values())
     assert set(variants) == {"baseline", "jtokm", "jtokm/host"}
     assert variants["jtokm/host"]["table_placement"] == "host"
     assert variants["jtokm"]["table_placement"] == "device"

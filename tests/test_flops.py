@@ -141,6 +141,29 @@ def test_memory_check_compares_with_available_memory(monkeypatch):
     resources.check_memory(cfg, "meta", training=True, what="x", batch=10**9)
 
 
+def test_memory_check_places_each_configs_tables_where_its_placement_puts_them(monkeypatch):
+    """Models held at once with different placements (`jtok bench` on a GPU): device-table
+    models count their tables on the accelerator, host-table models on the host."""
+    from jtok.errors import JTokError
+    from jtok.flops import table_memory
+    from jtok.parallel import resources
+
+    cfg = tiny(tokmod__kind="jtokm")
+    monkeypatch.setattr(resources, "available_memory", lambda device: None)
+    both_device = resources.check_memory([cfg, cfg], "cuda", True, "x")
+    mixed = resources.check_memory([cfg, cfg], "cuda", True, "x",
+                                   table_placement=["device", "host"])  # fmt: skip
+    tables = table_memory(cfg, training=True)
+    assert both_device.total - mixed.total == tables.total
+    with pytest.raises(ValueError, match="one table placement per config"):
+        resources.check_memory([cfg, cfg], "cuda", True, "x", table_placement=["host"])
+    # The host side is checked for the host-table models' tables alone.
+    monkeypatch.setattr(resources, "available_memory",
+                        lambda device: tables.total - 1 if str(device) == "cpu" else None)
+    with pytest.raises(JTokError, match="the host tables need"):
+        resources.check_memory([cfg, cfg], "cuda", True, "x", table_placement=["device", "host"])
+
+
 def test_available_memory_reads_the_machine():
     from jtok.parallel.resources import available_memory
 

@@ -62,6 +62,12 @@ def test_row_adam_steps_only_rows_with_a_nonzero_gradient():
     assert torch.equal(table.weight[[0, 1, 5]].detach(), before[[0, 1, 5]])
     assert not torch.equal(table.weight[2].detach(), before[2])
     assert torch.isnan(table.weight[4]).any()
+    # A gradient zeroed in place (zero_grad(set_to_none=False)) steps nothing, without error.
+    after = table.weight.detach().clone()
+    opt.zero_grad(set_to_none=False)
+    opt.step()
+    torch.testing.assert_close(table.weight.detach(), after, rtol=0, atol=0, equal_nan=True)
+    assert opt.state[table.weight]["row_step"].tolist() == [0, 0, 1, 1, 1, 0]
 
 
 def test_row_adam_refuses_dense_gradients():

@@ -84,7 +84,11 @@ def _registered_bytes(model: torch.nn.Module, device: torch.device) -> int:
     """Bytes of the parameters and buffers the model registers on `device` (tied once)."""
     seen, total = set(), 0
     for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.device == device and tensor.data_ptr() not in seen:
+        # torch.device("cuda") != torch.device("cuda:0"): compare the type, and the index
+        # only where `device` names one.
+        on_device = tensor.device.type == device.type and (
+            device.index is None or tensor.device.index == device.index)  # fmt: skip
+        if on_device and tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()
     return total

@@ -13,9 +13,12 @@ are gathered on the store's background thread while this step computes, the rows
 gradients are pulled to the host after backward, and RowAdam steps them under the store's
 lock. Those configurations are named "jtok/host" and "jtokm/host".
 
-On CUDA (``device``) every step ends with a synchronisation before its time is read, and
-each configuration's peak accelerator memory over its timed steps is reported; with host
-tables the keys are computed from the ids on the host, as the trainer computes them.
+On CUDA (``device``) the forward runs under the trainer's bf16 autocast (precision "auto";
+on the CPU it is fp32, as the trainer's), each timed window is closed by a synchronisation
+before its time is read, and each configuration's peak accelerator memory above what was
+resident when its window began is reported (every configuration's model stays resident, so
+the absolute peak would count the others'); with host tables the keys are computed from
+the ids on the host, as the trainer computes them.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from jtok.bench.paired import quartile_text, ratio_summary
 from jtok.config import ModelConfig, TrainConfig
 from jtok.flops import summarize
 from jtok.nn.model import build_model
+from jtok.training.evaluate import autocast_context
 from jtok.training.optim import Optimizers
 
 VARIANTS = ("baseline", "jtok", "jtokm")
@@ -67,10 +71,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model, optimizers: Optimizers, batch_ids: torch.Tensor) -> float:
+def _loss(model, batch_ids: torch.Tensor, token_rows=None) -> torch.Tensor:
+    """The trainer's loss of one batch, under its autocast (bf16 on CUDA, fp32 on CPU)."""
     inputs, targets = batch_ids[:, :-1], batch_ids[:, 1:]
-    out = model(inputs)
-    loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten()) + out.aux_loss
+    with autocast_context(batch_ids.device, "auto"):
+        out = model(inputs, token_rows=token_rows)
+        logits = out.logits.float().flatten(0, 1)
+    return F.cross_entropy(logits, targets.flatten()) + out.aux_loss
+
+
+def train_step(model, optimizers: Optimizers, batch_ids: torch.Tensor) -> float:
+    loss = _loss(model, batch_ids)
     loss.backward()
     optimizers.step()
     optimizers.zero_grad()
@@ -108,9 +119,7 @@ class HostTableSteps:
         token_rows = self.store.consume(self.pending)
         self.next += 1
         self.pending = self._fetch(self.next)  # overlaps this step's compute
-        inputs, targets = batch_ids[:, :-1], batch_ids[:, 1:]
-        out = self.model(inputs, token_rows=token_rows)
-        loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten()) + out.aux_loss
+        loss = _loss(self.model, batch_ids, token_rows)
         loss.backward()
         pulled = self.store.pull_gradients()
         with self.store.step_lock():
@@ -163,6 +172,7 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
             _sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             for step in range(steps):
                 run_step(batches[step % len(batches)])
@@ -170,7 +180,8 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
             times[variant].append((time.perf_counter() - start) / steps)
             cpu_times[variant].append((time.process_time() - start_cpu) / steps)
             if device.type == "cuda":
-                peak[variant] = max(peak.get(variant, 0), torch.cuda.max_memory_allocated(device))
+                above = torch.cuda.max_memory_allocated(device) - resident
+                peak[variant] = max(peak.get(variant, 0), above)
         if progress:
             print(f"rep {rep + 1}/{reps}: " + "  ".join(
                 f"{v} {times[v][-1] * 1e3:.0f} ms" for v in variants), file=sys.stderr)  # fmt: skip
@@ -204,7 +215,7 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
             "ratio_to_baseline": paired_ratio(times, variant),
             "ratio_quartiles": ratio_summary(times[variant], times["baseline"])[1],
             "cpu_ratio_to_baseline": paired_ratio(cpu_times, variant),
-            "accelerator_peak_bytes": peak.get(variant),
+            "accelerator_step_peak_bytes": peak.get(variant),  # above what was resident
         }
     return result
 

@@ -115,21 +115,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--placements host: host tables train with sparse gradients and "
                          "RowAdam (--optimizer sparse)")  # fmt: skip
     device = _device(args.device)
-    # Every configuration's model and optimizer are held at once: the baseline, and each
-    # variant at each placement. On the CPU all of it is one memory; on an accelerator
-    # each placement's configurations are checked with their tables where they live.
-    tables = [variant_config(cfg, v, sparse) for v in variants if v != "baseline"]
-    groups = {p: tables for p in placements}
-    groups[placements[0]] = [variant_config(cfg, "baseline", sparse), *tables]
-    if device.type == "cpu":
-        groups = {"device": [c for held in groups.values() for c in held]}
-    for placement, held in groups.items():
-        if not held:  # --variants baseline: no tables to place
-            continue
-        where = "" if device.type == "cpu" else f", {placement} tables"
-        check_memory(held, device, training=True, batch=args.batch, seq_len=args.seq_len,
-                     table_placement=placement,
-                     what=f"jtok bench ({len(held)} configurations{where})")  # fmt: skip
+    # Every configuration's model and optimizer are held at once (the baseline, and each
+    # variant at each placement), each with its tables where its placement puts them.
+    held, where = [variant_config(cfg, "baseline", sparse)], [placements[0]]
+    for placement in placements:
+        for v in variants:
+            if v != "baseline":
+                held.append(variant_config(cfg, v, sparse))
+                where.append(placement)
+    check_memory(held, device, training=True, batch=args.batch, seq_len=args.seq_len,
+                 table_placement=where,
+                 what=f"jtok bench ({len(held)} configurations)")  # fmt: skip
     result = train_step_benchmark(
         cfg, variants=variants, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
         reps=args.reps, warmup=args.warmup, threads=args.threads, optimizer=args.optimizer,

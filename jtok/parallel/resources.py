@@ -81,7 +81,7 @@ def format_bytes(n: float) -> str:
 
 def check_memory(
     cfg: ModelConfig | Sequence[ModelConfig], device, training: bool, what: str,
-    batch: int = 0, seq_len: int | None = None, table_placement: str = "device",
+    batch: int = 0, seq_len: int | None = None, table_placement: str | Sequence[str] = "device",
     world_size: int = 1, parallel: str = "ddp",
 ) -> MemoryEstimate:  # fmt: skip
     """Raise ResourceError if the model(s) cannot fit in `device`'s available memory.
@@ -96,7 +96,8 @@ def check_memory(
     batch, seq_len: sequences per forward and their length, to count activations too
         (batch 0: parameters and optimizer state only).
     table_placement: "host" counts the tables (and their row-optimizer state) against
-        host memory instead of an accelerator's.
+        host memory instead of an accelerator's; one placement for every config, or one
+        per config (e.g. `jtok bench` holding device-table and host-table models at once).
     world_size, parallel: one process's share under torchrun (FSDP2 shards the backbone;
         jtok.flops.memory_plan). A refusal names the largest item and the `jtok info`
         command that prints the whole plan.
@@ -108,14 +109,19 @@ def check_memory(
     cfgs = [cfg] if isinstance(cfg, ModelConfig) else list(cfg)
     kind = getattr(device, "type", str(device).split(":")[0])
     act_bytes = 2 if kind == "cuda" else 4  # bf16 autocast on CUDA
+    placements = ([table_placement] * len(cfgs) if isinstance(table_placement, str)
+                  else list(table_placement))  # fmt: skip
+    if len(placements) != len(cfgs):
+        raise ValueError("check_memory: one table placement per config")
     if len(cfgs) == 1 and (world_size > 1 or parallel == "fsdp"):
-        _check_plan(cfgs[0], device, kind, training, what, batch, seq_len, table_placement,
+        _check_plan(cfgs[0], device, kind, training, what, batch, seq_len, placements[0],
                     world_size, parallel, act_bytes)  # fmt: skip
-    split = table_placement == "host" and kind != "cpu"
-    each = [estimate_memory(one, training, batch, seq_len, act_bytes,
-                            include_tables=not split) for one in cfgs]  # fmt: skip
-    if split and os.environ.get("JTOK_NO_MEMORY_CHECK", "") in ("", "0"):
-        host_need = sum(table_memory(one, training).total for one in cfgs)
+    split = [placement == "host" and kind != "cpu" for placement in placements]
+    each = [estimate_memory(one, training, batch, seq_len, act_bytes, include_tables=not off)
+            for one, off in zip(cfgs, split, strict=True)]  # fmt: skip
+    if any(split) and os.environ.get("JTOK_NO_MEMORY_CHECK", "") in ("", "0"):
+        host_need = sum(table_memory(one, training).total
+                        for one, off in zip(cfgs, split, strict=True) if off)  # fmt: skip
         host_have = available_memory("cpu")
         if host_have is not None and host_need > host_have:
             raise ResourceError(f"{what}: the host tables need {format_bytes(host_need)}, but "

@@ -101,6 +101,8 @@ def _unique_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
         grad = grad.coalesce()
         rows = grad._indices()[0]
     values = grad._values()
+    if values.numel() == 0:  # no rows (a zeroed gradient), or rows of width 0
+        return rows[:0], values[:0]
     flat = values.reshape(values.shape[0], -1)
     # A row is zero iff its max and min are: two reductions that allocate nothing, where
     # any() on floats first writes an (R, d) "!= 0" temporary (about 2.5x slower on a CPU).
