@@ -19,7 +19,11 @@
 #   DEVICE=cpu PRESET=tiny SEQ_LEN=64 REPS=1 OUT=/tmp/dry bash benchmarks/device_session.sh 1
 set -u -o pipefail
 PART=${1:?usage: device_session.sh 1|2}
-OUT=${OUT:-benchmarks/results/device}
+if [ "$PART" != 1 ] && [ "$PART" != 2 ]; then  # before anything is written
+    echo "device_session.sh: part must be 1 or 2, got $PART" >&2
+    exit 2
+fi
+OUT=${OUT:-/tmp/jtok-device-session}  # the device tool sets OUT; copy results you keep
 DEVICE=${DEVICE:-cuda} PRESET=${PRESET:-small} SEQ_LEN=${SEQ_LEN:-256} REPS=${REPS:-5}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -33,13 +37,10 @@ if [ "$PART" = 1 ]; then
         --seq-len "$SEQ_LEN" --reps $((2 * REPS + 1)) --steps 5 --placements device,host \
         --json --out "$OUT/train_gpu.json" > "$OUT/train_gpu.log" 2>&1
     echo "bench train: exit $?"
-elif [ "$PART" = 2 ]; then
+else
     timeout 540 python3 -m jtok bench decode --preset "$PRESET" --device "$DEVICE" --compile \
         --variants baseline,jtokm --reps "$REPS" --json --out "$OUT/decode_gpu.json" \
         > "$OUT/decode_gpu.log" 2>&1
     echo "bench decode: exit $?"
-else
-    echo "device_session.sh: part must be 1 or 2, got $PART" >&2
-    exit 2
 fi
 tail -n 3 "$OUT"/*.log

@@ -116,7 +116,7 @@ def test_bench_refuses_cuda_where_there_is_none(mode, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     fits = [] if mode else ["--seq-len", "8"]  # the training step's default is over tiny's
     code, _, err = run(["bench", *mode, "--device", "cuda", "--preset", "tiny", *fits], capsys)
-    assert code == 2 and "--device cuda: no CUDA device" in err
+    assert code == 2 and "--device: 'cuda' requested but" in err
     assert len(err.strip().splitlines()) == 1
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from jtok.bench.paired import quartile_text, ratio_summary
-from jtok.bench.train_step import HostTableSteps, variant_config, zipf_token_batches
+from jtok.bench.train_step import HostTableSteps, sync_device, variant_config, zipf_token_batches
 from jtok.config import ModelConfig, TrainConfig
 from jtok.errors import JTokError
 from jtok.flops import summarize
@@ -69,11 +69,6 @@ def host_memory() -> dict[str, int | None]:
         except (ImportError, OSError):
             pass
     return {"rss_bytes": current, "rss_peak_bytes": peak}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _cuda_allocated(device: torch.device) -> int | None:
@@ -124,7 +119,7 @@ def check_host_placement(cfg: ModelConfig, device: torch.device, strict: bool) -
     ids = zipf_token_batches(cfg.vocab_size, 2, min(16, cfg.max_seq_len - 1), 1, seed=1)[0]
     # The trainer's order of a host-table step (keys from the host ids, compute on device).
     HostTableSteps(model, opts, [ids], device).step()
-    _sync(device)
+    sync_device(device)
     weight = store.weight
     state = [t for opt in opts.optimizers for p, s in opt.state.items() if p is weight
              for t in s.values() if isinstance(t, torch.Tensor)]  # fmt: skip
@@ -214,7 +209,7 @@ class Decoder:
         param = next(model.parameters())
         self.cache = KVCache.empty(model.cfg, B, max_len=T + new_tokens, device=self.device,
                                    dtype=param.dtype)  # fmt: skip
-        _sync(self.device)
+        sync_device(self.device)
         start = time.perf_counter()
         token_rows = self._rows(prompt_BT) if self.compiled else None  # see _rows
         logits_BV = self.config.forward(prompt_BT.to(self.device), cache=self.cache,
@@ -248,7 +243,7 @@ def decode_once(config: _Config, prompt_BT: torch.Tensor, new_tokens: int,
     for _ in range(new_tokens):
         step_wall, step_cpu = decoder.step()
         wall, cpu = wall + step_wall, cpu + step_cpu
-    _sync(device)
+    sync_device(device)
     return prefill_s, wall, cpu, decoder.ids
 
 
@@ -277,7 +272,7 @@ def _build(cfg: ModelConfig, variant: str, placement: str | None, device: torch.
     rss_before = host_memory()["rss_bytes"]
     model = build_model(vcfg, seed=0, device=device,
                         table_placement=placement or "device").eval()  # fmt: skip
-    _sync(device)
+    sync_device(device)
     rss_after = host_memory()["rss_bytes"]
     store = model.token_tables
     info: dict = {
@@ -378,7 +373,7 @@ def decode_benchmark(cfg: ModelConfig, variants: list[str], batches: list[int],
                     step_wall, step_cpu = decoders[config.name].step()
                     wall[config.name] += step_wall
                     cpu[config.name] += step_cpu
-            _sync(device)
+            sync_device(device)
             for name in decoders:
                 samples[name]["decode"].append(wall[name])
                 samples[name]["cpu"].append(cpu[name])

@@ -31,13 +31,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from jtok.bench.paired import quartile_text, ratio_summary
 from jtok.config import ModelConfig, TrainConfig
 from jtok.flops import summarize
 from jtok.nn.model import build_model
-from jtok.training.evaluate import autocast_context
+from jtok.training.evaluate import autocast_context, lm_loss
 from jtok.training.optim import Optimizers
 
 VARIANTS = ("baseline", "jtok", "jtokm")
@@ -66,18 +65,17 @@ def zipf_token_batches(vocab: int, batch: int, seq_len: int, n_batches: int,
     return list(ids)
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the accelerator's queued work, so a timer read after it counts that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _loss(model, batch_ids: torch.Tensor, token_rows=None) -> torch.Tensor:
     """The trainer's loss of one batch, under its autocast (bf16 on CUDA, fp32 on CPU)."""
-    inputs, targets = batch_ids[:, :-1], batch_ids[:, 1:]
     with autocast_context(batch_ids.device, "auto"):
-        out = model(inputs, token_rows=token_rows)
-        logits = out.logits.float().flatten(0, 1)
-    return F.cross_entropy(logits, targets.flatten()) + out.aux_loss
+        loss, out = lm_loss(model, batch_ids[:, :-1], batch_ids[:, 1:], token_rows)
+    return loss + out.aux_loss
 
 
 def train_step(model, optimizers: Optimizers, batch_ids: torch.Tensor) -> float:
@@ -129,6 +127,14 @@ class HostTableSteps:
         return loss.item()
 
 
+def configurations(variants: list[str], placements) -> list[tuple[str, str]]:
+    """The (variant, table placement) pairs the benchmark holds at once: the baseline once
+    (it has no tables), each other variant at each placement."""
+    pairs = [("baseline", "device")]
+    pairs += [(v, p) for p in placements for v in variants if v != "baseline"]
+    return pairs
+
+
 def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_len: int,
                          steps: int, reps: int, warmup: int = 2, threads: int | None = None,
                          optimizer: str = "adamw", progress: bool = False,
@@ -144,9 +150,7 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
     host_batches = zipf_token_batches(cfg.vocab_size, batch, seq_len, n_batches=4)
     batches = [b.to(device) for b in host_batches]
     runs = {}
-    configs = [(v, "device") for v in variants if "device" in placements or v == "baseline"]
-    configs += [(v, "host") for v in variants if v != "baseline" and "host" in placements]
-    for variant, placement in configs:
+    for variant, placement in configurations(variants, placements):
         name = variant if placement == "device" else f"{variant}/{placement}"
         vcfg = variant_config(cfg, variant, sparse_grad=optimizer == "sparse")
         model = build_model(vcfg, seed=0, device=device, table_placement=placement).train()
@@ -169,14 +173,14 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
         order = variants[rep % len(variants):] + variants[: rep % len(variants)]
         for variant in order:
             run_step = runs[variant][1]
-            _sync(device)
+            sync_device(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 resident = torch.cuda.memory_allocated(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             for step in range(steps):
                 run_step(batches[step % len(batches)])
-            _sync(device)
+            sync_device(device)
             times[variant].append((time.perf_counter() - start) / steps)
             cpu_times[variant].append((time.process_time() - start_cpu) / steps)
             if device.type == "cuda":

@@ -107,24 +107,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.seq_len > cfg.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len {cfg.max_seq_len}")
-    from jtok.bench.train_step import format_report, train_step_benchmark, variant_config
+    from jtok.bench.train_step import (
+        configurations,
+        format_report,
+        train_step_benchmark,
+        variant_config,
+    )
+    from jtok.parallel.distributed import resolve_device
 
     placements = parse_placements(args.placements)
     sparse = args.optimizer == "sparse"
     if "host" in placements and not sparse:
         raise UsageError("--placements host: host tables train with sparse gradients and "
                          "RowAdam (--optimizer sparse)")  # fmt: skip
-    device = _device(args.device)
-    # Every configuration's model and optimizer are held at once (the baseline, and each
-    # variant at each placement), each with its tables where its placement puts them.
-    held, where = [variant_config(cfg, "baseline", sparse)], [placements[0]]
-    for placement in placements:
-        for v in variants:
-            if v != "baseline":
-                held.append(variant_config(cfg, v, sparse))
-                where.append(placement)
-    check_memory(held, device, training=True, batch=args.batch, seq_len=args.seq_len,
-                 table_placement=where,
+    device = resolve_device(args.device, option="--device")
+    # Every configuration's model and optimizer are held at once, each with its tables
+    # where its placement puts them.
+    held = configurations(variants, placements)
+    check_memory([variant_config(cfg, v, sparse) for v, _ in held], device, training=True,
+                 batch=args.batch, seq_len=args.seq_len,
+                 table_placement=[placement for _, placement in held],
                  what=f"jtok bench ({len(held)} configurations)")  # fmt: skip
     result = train_step_benchmark(
         cfg, variants=variants, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
@@ -135,17 +137,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(preference: str):
-    """--device as a torch.device; CUDA asked for where there is none is a one-line error."""
-    import torch
-
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible to this torch; use cpu "
-                         "or auto")  # fmt: skip
-    return torch.device("cuda" if preference != "cpu" and torch.cuda.is_available() else "cpu")
-
-
 def _bench_decode(args: argparse.Namespace, cfg, variants: list[str]) -> int:
+    from jtok.parallel.distributed import resolve_device
     from jtok.parallel.resources import check_memory
 
     batches = parse_batches(args.batches)
@@ -154,7 +147,7 @@ def _bench_decode(args: argparse.Namespace, cfg, variants: list[str]) -> int:
     if length > cfg.max_seq_len:
         raise UsageError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} = "
                          f"{length} exceeds max_seq_len {cfg.max_seq_len}")  # fmt: skip
-    device = _device(args.device)
+    device = resolve_device(args.device, option="--device")
 
     from jtok.bench.decode import decode_benchmark, format_report
     from jtok.bench.train_step import variant_config

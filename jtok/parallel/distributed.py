@@ -35,18 +35,20 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(preference: str) -> torch.device:
-    """The device of a config's ``train.device``: "auto" takes CUDA when available.
+def resolve_device(preference: str, option: str = "train.device") -> torch.device:
+    """The device of a config's ``train.device`` (or of the command-line `option` that
+    names one): "auto" takes CUDA when available.
 
-    "cuda" on a machine without CUDA, or an unknown name, is a one-line ConfigError."""
+    "cuda" on a machine without CUDA, or an unknown name, is a one-line ConfigError that
+    names `option`."""
     from jtok.config import DEVICES, ConfigError
 
     if preference not in DEVICES:
-        raise ConfigError(f"train.device: must be one of {list(DEVICES)}, got {preference!r}")
+        raise ConfigError(f"{option}: must be one of {list(DEVICES)}, got {preference!r}")
     if preference == "cuda" and not torch.cuda.is_available():
         why = ("this torch is built without CUDA" if torch.version.cuda is None
                else "no CUDA device is visible")  # fmt: skip
-        raise ConfigError(f"train.device: 'cuda' requested but {why}; use cpu or auto")
+        raise ConfigError(f"{option}: 'cuda' requested but {why}; use cpu or auto")
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
