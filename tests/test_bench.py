@@ -47,6 +47,8 @@ def test_decode_benchmark_json_has_the_contract_fields(capsys):
                 row = variant[placement][batch]
                 assert row["tokens_per_s"] > 0 and math.isfinite(row["tokens_per_s"])
                 assert row["ratio_to_baseline"] > 0 and math.isfinite(row["ratio_to_baseline"])
+                low, high = row["ratio_ci95"]
+                assert low <= row["ratio_to_baseline"] <= high
                 assert row["prefill_ms"] > 0 and len(row["decode_ms_per_step_all"]) == 2
                 if name == "baseline":
                     assert row["ratio_to_baseline"] == 1.0 and row["table_device"] is None
@@ -181,6 +183,28 @@ def test_ratio_summary_is_the_median_and_quartiles_of_paired_ratios():
     assert median == pytest.approx(1.1)
     assert (q1, q3) == (pytest.approx(1.0), pytest.approx(1.2))
     assert ratio_summary([3.0], [2.0]) == (1.5, [1.5, 1.5])
+
+
+def test_median_interval_is_the_binomial_order_statistic_interval():
+    import random
+
+    from jtok.bench.paired import median_interval, ratio_interval
+
+    # n = 31: P(Bin(31, 1/2) <= 9) = 0.0147, <= 10 = 0.0354, so the 10th and 22nd smallest
+    # (coverage 0.9706); the 11th would cover only 0.929.
+    low, high, coverage = median_interval(list(range(31, 0, -1)))
+    assert (low, high) == (10, 22) and coverage == pytest.approx(0.97055, abs=1e-4)
+    # Too few values for 95%: the whole range, and its true coverage (1 - 2/32).
+    assert median_interval([5.0, 1.0, 3.0, 2.0, 4.0]) == (1.0, 5.0, pytest.approx(0.9375))
+    assert median_interval([2.0]) == (2.0, 2.0, 0.0)
+    # Coverage holds for draws of a skewed distribution whose median is known (ln 2).
+    rng = random.Random(0)
+    hits = 0
+    for _ in range(2000):
+        low, high, _ = median_interval([rng.expovariate(1.0) for _ in range(21)])
+        hits += low <= math.log(2) <= high
+    assert 0.95 <= hits / 2000 <= 0.995  # 21 draws: exact coverage 0.973
+    assert ratio_interval([2.0, 4.0, 6.0, 8.0, 10.0, 12.0], [2.0] * 6) == [1.0, 6.0]
 
 
 def test_prepared_device_checks_pass_on_the_cpu():

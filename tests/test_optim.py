@@ -70,6 +70,39 @@ def test_row_adam_steps_only_rows_with_a_nonzero_gradient():
     assert opt.state[table.weight]["row_step"].tolist() == [0, 0, 1, 1, 1, 0]
 
 
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_row_adam_block_size_never_changes_a_result(monkeypatch, wd):
+    """The CPU step runs over blocks of gradient rows (cache blocking); with blocks of one,
+    three and all rows the parameters and the optimizer state are bit-identical, with zero
+    rows, a block of only zero rows, and an uncoalesced gradient (repeated, unsorted rows)."""
+    from jtok.tables import row_adam
+
+    def run(block_bytes):
+        monkeypatch.setattr(row_adam, "_CPU_BLOCK_BYTES", block_bytes)
+        gen = torch.Generator().manual_seed(0)
+        table = torch.nn.Parameter(torch.randn(40, 8, generator=gen))
+        opt = RowAdam([table], lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd)
+        for step in range(4):
+            rows = torch.randperm(40, generator=gen)[:18].sort().values
+            values = torch.randn(18, 8, generator=gen)
+            values[torch.rand(18, generator=gen) < 0.5] = 0
+            values[3:6] = 0  # a whole block of zero rows at 3 rows per block
+            if step == 2:  # repeated and unsorted rows: coalesced before the blocks
+                rows, values = torch.cat([rows, rows[:5]]).flip(0), torch.cat([values, values[:5]])
+            table.grad = torch.sparse_coo_tensor(rows[None], values, (40, 8), check_invariants=True)
+            opt.step()
+        return table.detach(), opt.state[table]
+
+    row_bytes = 8 * 4
+    results = [run(row_bytes), run(3 * row_bytes), run(1 << 30)]
+    reference, ref_state = results[-1]
+    assert ref_state["row_step"].sum() > 0
+    for weights, state in results[:-1]:
+        assert torch.equal(weights, reference)
+        for key in ("exp_avg", "exp_avg_sq", "row_step"):
+            assert torch.equal(state[key], ref_state[key]), key
+
+
 def test_row_adam_refuses_dense_gradients():
     p = torch.nn.Parameter(torch.zeros(3, 2))
     p.grad = torch.ones(3, 2)

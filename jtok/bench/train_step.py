@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from jtok.bench.paired import quartile_text, ratio_summary
+from jtok.bench.paired import interval_text, quartile_text, ratio_interval, ratio_summary
 from jtok.config import ModelConfig, TrainConfig
 from jtok.flops import summarize
 from jtok.nn.model import build_model
@@ -218,6 +218,8 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
             # Paired: each repetition's ratio to the baseline, then the median.
             "ratio_to_baseline": paired_ratio(times, variant),
             "ratio_quartiles": ratio_summary(times[variant], times["baseline"])[1],
+            # Distribution-free 95% interval of the median ratio (jtok.bench.paired).
+            "ratio_ci95": ratio_interval(times[variant], times["baseline"]),
             "cpu_ratio_to_baseline": paired_ratio(cpu_times, variant),
             "accelerator_step_peak_bytes": peak.get(variant),  # above what was resident
         }
@@ -232,12 +234,13 @@ def format_report(result: dict) -> str:
         f"{result['threads']} threads, ~{result['unique_ids_per_batch']:.0f} distinct ids/batch"
     )
     lines = [head, f"{'variant':<12}{'N_c':>12}{'N_n':>12}{'ms/step':>10}{'tok/s':>9}"
-                   f"{'ratio':>8}{'(quartiles)':>14}{'cpu ms':>9}{'cpu ratio':>10}"]  # fmt: skip
+                   f"{'ratio':>8}{'(quartiles)':>14}{'95% CI of ratio':>18}{'cpu ms':>9}"
+                   f"{'cpu ratio':>10}"]  # fmt: skip
     for name, v in result["variants"].items():
         lines.append(
             f"{name:<12}{v['backbone_params']:>12,}{v['token_params']:>12,}"
             f"{v['step_ms_median']:>10.1f}{v['tokens_per_s']:>9.0f}{v['ratio_to_baseline']:>8.3f}"
-            f"{quartile_text(v['ratio_quartiles']):>14}"
+            f"{quartile_text(v['ratio_quartiles']):>14}{interval_text(v['ratio_ci95']):>18}"
             f"{v['cpu_ms_median']:>9.1f}{v['cpu_ratio_to_baseline']:>10.3f}"
         )
     return "\n".join(lines)
