@@ -96,6 +96,7 @@ def test_host_placement_check_reports_where_tables_and_state_live():
          "--prompt-len 100 + --new-tokens 64 = 164 exceeds max_seq_len 128"),
         (["decode", "--new-tokens", "0"], "argument --new-tokens: expected a positive integer"),
         (["sideways"], "invalid choice: 'sideways'"),
+        (["decode", "--phases"], "--phases applies to `jtok bench (train)`"),
         (["--placements", "host", "--optimizer", "adamw", "--seq-len", "64"],
          "host tables train with sparse"),
     ],
@@ -172,6 +173,45 @@ def test_host_table_steps_train_like_device_steps():
             losses[placement] = [train_step(model, opts, batches[i % 3]) for i in range(5)]
     assert losses["host"] == pytest.approx(losses["device"], rel=1e-5)
     assert losses["device"][-1] < losses["device"][0]
+
+
+def test_phases_time_every_part_of_the_step_once_per_timed_step(capsys):
+    argv = ["bench", "--preset", "tiny", "--batch", "2", "--seq-len", "8", "--steps", "2",
+            "--reps", "3", "--warmup", "1", "--variants", "jtokm", "--placements",
+            "device,host", "--device", "cpu", "--phases", "--json"]  # fmt: skip
+    code, out, _ = run(argv, capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert result["phases"] is True
+    phases = {name: v["phase_ms_median"] for name, v in result["variants"].items()}
+    assert set(phases["baseline"]) == {"forward", "backward", "step AdamW",
+                                       "zero_grad, loss.item"}  # fmt: skip
+    assert set(phases["jtokm"]) == set(phases["baseline"]) | {"step RowAdam"}
+    assert {"forward", "backward", "pull table gradients",
+            "step AdamW + RowAdam"} <= set(phases["jtokm/host"])  # fmt: skip
+    for name, variant in result["variants"].items():
+        assert all(ms > 0 for ms in phases[name].values())
+        # The phases tile the step: their medians add up to about its median.
+        assert sum(phases[name].values()) <= 1.5 * variant["step_ms_median"]
+    # Without --phases nothing extra is recorded (the step's own timing is unchanged).
+    code, out, _ = run([a for a in argv if a != "--phases"], capsys)
+    result = json.loads(out)
+    assert result["phases"] is False
+    assert not any("phase_ms_median" in v for v in result["variants"].values())
+
+
+def test_phase_clock_sums_a_step_per_phase():
+    from jtok.bench.train_step import PhaseClock
+
+    clock = PhaseClock(torch.device("cpu"))
+    for _ in range(3):
+        clock.start()
+        clock.mark("a")
+        clock.mark("b")
+        clock.mark("a")  # a second visit adds to the step's "a"
+        clock.finish()
+    assert {k: len(v) for k, v in clock.samples.items()} == {"a": 3, "b": 3}
+    assert set(clock.medians_ms()) == {"a", "b"}
 
 
 def test_ratio_summary_is_the_median_and_quartiles_of_paired_ratios():

@@ -29,6 +29,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import defaultdict
 
 import torch
 
@@ -78,12 +79,59 @@ def _loss(model, batch_ids: torch.Tensor, token_rows=None) -> torch.Tensor:
     return loss + out.aux_loss
 
 
-def train_step(model, optimizers: Optimizers, batch_ids: torch.Tensor) -> float:
+class PhaseClock:
+    """Where a training step's time goes: the time from one `mark` to the next, summed per
+    phase name over a step, one sample per phase and step (`--phases`). On an accelerator
+    each mark first waits for the device, so the phases are its times too; those waits also
+    serialise the step, which is why the clock is opt-in."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.samples: dict[str, list[float]] = defaultdict(list)
+        self._step: dict[str, float] = defaultdict(float)
+        self._last = 0.0
+
+    def start(self) -> None:
+        sync_device(self.device)
+        self._step.clear()
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        sync_device(self.device)
+        now = time.perf_counter()
+        self._step[phase] += now - self._last
+        self._last = now
+
+    def finish(self) -> None:
+        for phase, seconds in self._step.items():
+            self.samples[phase].append(seconds)
+
+    def medians_ms(self) -> dict[str, float]:
+        return {phase: statistics.median(v) * 1e3 for phase, v in self.samples.items()}
+
+
+def _mark(clock: PhaseClock | None, phase: str) -> None:
+    if clock is not None:
+        clock.mark(phase)
+
+
+def train_step(model, optimizers: Optimizers, batch_ids: torch.Tensor,
+               clock: PhaseClock | None = None) -> float:  # fmt: skip
+    if clock is not None:
+        clock.start()
     loss = _loss(model, batch_ids)
+    _mark(clock, "forward")
     loss.backward()
-    optimizers.step()
+    _mark(clock, "backward")
+    for opt in optimizers.optimizers:  # Optimizers.step, one phase per optimizer
+        opt.step()
+        _mark(clock, f"step {type(opt).__name__}")
     optimizers.zero_grad()
-    return loss.item()
+    value = loss.item()
+    if clock is not None:
+        clock.mark("zero_grad, loss.item")
+        clock.finish()
+    return value
 
 
 def _ignore_ids(step, batch_ids: torch.Tensor) -> float:
@@ -97,9 +145,10 @@ class HostTableSteps:
     for any gather already made (so the prefetch never changes a result)."""
 
     def __init__(self, model, optimizers: Optimizers, batches: list[torch.Tensor],
-                 device: torch.device | None = None):  # fmt: skip
+                 device: torch.device | None = None, clock: PhaseClock | None = None):  # fmt: skip
         """`batches` on the host; `device` is the model's (default: the batches')."""
         self.model, self.optimizers, self.batches = model, optimizers, batches
+        self.clock = clock
         self.device = device if device is not None else batches[0].device
         self.on_device = [b.to(self.device) for b in batches]
         self.store = model.token_tables
@@ -113,18 +162,29 @@ class HostTableSteps:
         return self.store.fetch(keys, self.device)
 
     def step(self) -> float:
+        clock = self.clock
+        if clock is not None:
+            clock.start()
         batch_ids = self.on_device[self.next % len(self.batches)]
         token_rows = self.store.consume(self.pending)
         self.next += 1
         self.pending = self._fetch(self.next)  # overlaps this step's compute
         loss = _loss(self.model, batch_ids, token_rows)
+        _mark(clock, "forward")
         loss.backward()
+        _mark(clock, "backward")
         pulled = self.store.pull_gradients()
+        _mark(clock, "pull table gradients")
         with self.store.step_lock():
             self.optimizers.step()
+        _mark(clock, "step AdamW + RowAdam")
         self.store.after_step(pulled)
         self.optimizers.zero_grad()
-        return loss.item()
+        value = loss.item()
+        if clock is not None:
+            clock.mark("after step, zero_grad, loss.item")
+            clock.finish()
+        return value
 
 
 def configurations(variants: list[str], placements) -> list[tuple[str, str]]:
@@ -139,7 +199,10 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
                          steps: int, reps: int, warmup: int = 2, threads: int | None = None,
                          optimizer: str = "adamw", progress: bool = False,
                          placements: tuple[str, ...] = ("device",),
-                         device: torch.device | str = "cpu") -> dict:  # fmt: skip
+                         device: torch.device | str = "cpu", phases: bool = False,
+                         ) -> dict:  # fmt: skip
+    """With `phases`, each configuration's steps also record where their time goes
+    (`PhaseClock`); warm-up steps are not recorded."""
     device = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -150,12 +213,14 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
     host_batches = zipf_token_batches(cfg.vocab_size, batch, seq_len, n_batches=4)
     batches = [b.to(device) for b in host_batches]
     runs = {}
+    clocks: dict[str, PhaseClock] = {}
     for variant, placement in configurations(variants, placements):
         name = variant if placement == "device" else f"{variant}/{placement}"
         vcfg = variant_config(cfg, variant, sparse_grad=optimizer == "sparse")
         model = build_model(vcfg, seed=0, device=device, table_placement=placement).train()
         # The trainer's optimizer roles: AdamW by role, RowAdam for sparse-gradient tables.
         opts = Optimizers(model, TrainConfig(lr=1e-3))
+        clock = PhaseClock(device) if phases else None
         if placement == "host":  # its own batch order (it prefetches ahead): ids ignored
             host_steps = HostTableSteps(model, opts, host_batches, device)
             steps_of = functools.partial(_ignore_ids, host_steps.step)
@@ -164,6 +229,13 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
         runs[name] = (vcfg, steps_of, placement)
         for i in range(warmup):
             steps_of(batches[i % len(batches)])
+        if clock is not None:  # attached after the warm-up, which it does not record
+            if placement == "host":
+                host_steps.clock = clock
+            else:
+                runs[name] = (vcfg, functools.partial(train_step, model, opts, clock=clock),
+                              placement)  # fmt: skip
+            clocks[name] = clock
     variants = list(runs)
 
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -192,6 +264,7 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
 
     unique = [int(torch.unique(b[:, :-1]).numel()) for b in batches]
     result = {
+        "phases": phases,
         "backbone": {k: v for k, v in cfg.to_dict().items() if k != "tokmod"},
         "batch": batch, "seq_len": seq_len, "steps": steps, "reps": reps,
         "optimizer": optimizer, "threads": torch.get_num_threads(), "device": str(device),
@@ -223,6 +296,8 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
             "cpu_ratio_to_baseline": paired_ratio(cpu_times, variant),
             "accelerator_step_peak_bytes": peak.get(variant),  # above what was resident
         }
+        if variant in clocks:
+            result["variants"][variant]["phase_ms_median"] = clocks[variant].medians_ms()
     return result
 
 
@@ -243,4 +318,14 @@ def format_report(result: dict) -> str:
             f"{quartile_text(v['ratio_quartiles']):>14}{interval_text(v['ratio_ci95']):>18}"
             f"{v['cpu_ms_median']:>9.1f}{v['cpu_ratio_to_baseline']:>10.3f}"
         )
+    with_phases = [(n, v["phase_ms_median"]) for n, v in result["variants"].items()
+                   if "phase_ms_median" in v]  # fmt: skip
+    if with_phases:
+        base = result["variants"].get("baseline", {}).get("phase_ms_median", {})
+        lines.append("phases (median ms per step; +/- the baseline's same phase):")
+        for name, phase_ms in with_phases:
+            parts = [f"{phase} {ms:.1f}" + (f" ({ms - base[phase]:+.1f})"
+                                           if name != "baseline" and phase in base else "")
+                     for phase, ms in phase_ms.items()]  # fmt: skip
+            lines.append(f"  {name:<12}" + ", ".join(parts))
     return "\n".join(lines)

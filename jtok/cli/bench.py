@@ -21,7 +21,7 @@ MODES = ("train", "decode")
 
 # Options of one mode only, with their defaults there (None elsewhere: given in the other
 # mode, they are refused rather than silently ignored).
-TRAIN_ONLY = {"batch": 8, "seq_len": 256, "steps": 5, "optimizer": "sparse"}
+TRAIN_ONLY = {"batch": 8, "seq_len": 256, "steps": 5, "optimizer": "sparse", "phases": False}
 DECODE_ONLY = {"batches": "1,16", "new_tokens": 64, "prompt_len": 32, "compile": False,
                "host_check": True, "share": True}  # fmt: skip
 WARMUP = {"train": 2, "decode": 1}
@@ -132,6 +132,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg, variants=variants, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
         reps=args.reps, warmup=args.warmup, threads=args.threads, optimizer=args.optimizer,
         progress=not args.json, placements=tuple(placements), device=device,
+        phases=args.phases,
     )  # fmt: skip
     _write(result, args, format_report)
     return 0
@@ -212,6 +213,10 @@ def register(sub) -> None:
     train.add_argument("--optimizer", choices=["adamw", "sparse"], default=None,
                        help="adamw: AdamW on everything (dense table gradients); sparse: "
                        "sparse table gradients updated row-wise by RowAdam (default: sparse)")
+    train.add_argument("--phases", action="store_const", const=True, default=None,
+                       help="also time each phase of a step (forward, backward, each "
+                       "optimizer's step, ...): medians per configuration; on CUDA each "
+                       "phase boundary waits for the device")  # fmt: skip
     decode = bench.add_argument_group("decode mode")
     decode.add_argument("--batches", default=None,
                         help="comma list of batch sizes (default 1,16)")
