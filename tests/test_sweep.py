@@ -71,6 +71,21 @@ def test_invalid_specs_are_rejected_with_the_part_named(tiny_data, mutate, messa
         plan(spec)
 
 
+def test_training_trace_thins_the_log_and_keeps_the_last_point():
+    from jtok.studies.sweep import TRACE_POINTS, training_trace
+
+    metrics = [{"step": i, "loss": 10.0 - i / 100, "grad_norm": 1.0, "lr": 1e-3,
+                "tokmod_balance": 1.1, "tokens_per_s": 5.0} for i in range(1, 301)]  # fmt: skip
+    metrics.insert(50, {"step": 50, "val_loss": 9.0, "val_ppl": 8000.0})
+    trace = training_trace(metrics)
+    assert len(trace) == TRACE_POINTS and trace[-1]["step"] == 300 and trace[0]["step"] == 1
+    steps = [t["step"] for t in trace]
+    assert steps == sorted(set(steps))
+    assert set(trace[0]) == {"step", "loss", "grad_norm", "tokmod_balance"}
+    assert training_trace(metrics[:10]) == [
+        {k: r[k] for k in ("step", "loss", "grad_norm", "tokmod_balance")} for r in metrics[:10]]
+
+
 def test_sweep_runs_every_run_once_and_resumes(tiny_data, tmp_path):
     spec = spec_dict(tiny_data)
     spec["axes"]["backbone"] = {"d64": {}}
@@ -90,6 +105,9 @@ def test_sweep_runs_every_run_once_and_resumes(tiny_data, tmp_path):
         assert (record["N_n"] > 0) == (record["variant"] == "jtokm")
         assert record["tokens"] in (256, 512)
         assert record["machine"]["threads"] >= 1 and record["machine"]["median_tokens_per_s"] > 0
+        trace = record["train_trace"]  # the training log kept beyond the scratch run folder
+        assert trace and all({"step", "loss", "grad_norm"} <= set(t) for t in trace)
+        assert ("tokmod_balance" in trace[-1]) == (record["variant"] == "jtokm")
     # A re-run skips finished runs: nothing new is trained or appended.
     stamps = {p: p.stat().st_mtime for p in out.glob("runs/*/metrics.jsonl")}
     run_sweep(path, out, progress=False, log=lambda m: None)

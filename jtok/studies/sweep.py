@@ -298,6 +298,22 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+TRACE_POINTS = 48  # training-log points kept in a result line (the last one always)
+
+
+def training_trace(metrics: list[dict]) -> list[dict]:
+    """The training log thinned to about TRACE_POINTS evenly spaced records of the step, the
+    loss, the gradient norm and the routing balances: the run directory (and its full log)
+    is scratch, so this is what a study keeps to diagnose a run afterwards (a gain that fades,
+    a router that collapses)."""
+    train = [r for r in metrics if "loss" in r and "val_loss" not in r]
+    if len(train) > TRACE_POINTS:
+        stride = len(train) / TRACE_POINTS
+        train = [train[int(i * stride)] for i in range(TRACE_POINTS - 1)] + [train[-1]]
+    keep = ("step", "loss", "grad_norm")
+    return [{k: v for k, v in r.items() if k in keep or k.endswith("_balance")} for r in train]
+
+
 def result_record(run: PlannedRun, run_dir: Path) -> dict[str, Any]:
     metrics = read_metrics(run_dir)
     val = [r for r in metrics if "val_loss" in r]
@@ -323,6 +339,7 @@ def result_record(run: PlannedRun, run_dir: Path) -> dict[str, Any]:
         "final_val_loss": val[-1]["val_loss"],
         "best_val_loss": min(r["val_loss"] for r in val),
         "curve": [[r["step"], r["step"] * per_step, r["val_loss"]] for r in val],
+        "train_trace": training_trace(metrics),
         "config": run.config.to_dict(),
         # The data compared by content, not path: a moved or rebuilt copy still matches.
         "data_fingerprint": data_fingerprint(data.load_manifest(run.config.train.data)),
