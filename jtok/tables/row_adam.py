@@ -52,25 +52,41 @@ class RowAdam(torch.optim.Optimizer):
                     raise RuntimeError(
                         "RowAdam needs sparse gradients; build the table with sparse=True"
                     )
-                rows, values = _distinct_rows(p.grad)
-                if values.numel() == 0:  # no rows (a zeroed gradient), or rows of width 0
+                gathered_rows, values = _distinct_rows(p.grad)
+                kept = _nonzero_positions(values)
+                if kept.numel() == 0:  # nothing to step (no rows, all zero, or width 0)
                     continue
-                # Cache blocking (CPU): the step reads the gradient once to find its nonzero
-                # rows and makes about a dozen passes over those rows' p, m, v and g. Done
-                # over the whole gradient, each pass streams tens of MB from memory; done a
-                # block of gathered rows at a time, the passes after the first hit the
-                # core's cache. Every row's update is independent of the others', so the
-                # result is bit-identical whatever the block size (tested). Measured on
-                # the small preset's table gradient (20,000 gathered rows, 8,000 nonzero),
-                # one thread: 0.55x the time of the one-block step. On an accelerator one
-                # block: there each extra block is a round of kernel launches.
-                block = _block_rows(values)
-                for start in range(0, rows.numel(), block):
-                    kept_rows, grad = _nonzero_rows(rows[start : start + block],
-                                                    values[start : start + block])  # fmt: skip
-                    if kept_rows.numel():
-                        _step_rows(p, self._state_of(p), kept_rows, grad, group)
+                self._step_rows(p, gathered_rows.index_select(0, kept), values, kept, group)
         return loss
+
+    def _step_rows(self, p: Tensor, rows: Tensor, values: Tensor, kept: Tensor,
+                   group: dict) -> None:  # fmt: skip
+        """Lazy Adam on the distinct `rows` of `p`, whose gradients are `values[kept]`."""
+        state = self._state_of(p)
+        beta1, beta2 = group["betas"]
+        # Each row's clock and bias corrections, (R, 1) columns, computed over all the rows at
+        # once and then sliced: torch.pow's vectorised and scalar paths differ in the last
+        # bit, so computing them per block would make a row's update depend on where the
+        # block boundaries fall.
+        # m_hat / (sqrt(v_hat) + eps) = (m * c2 / c1) / (sqrt(v) + eps * c2) with
+        # c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t): the per-row corrections fold into two
+        # columns and the big tensors are touched three times.
+        step = state["row_step"].index_add_(0, rows, torch.ones_like(rows))[rows]
+        step = step.to(values.dtype).view(-1, *([1] * (values.dim() - 1)))
+        bias2_sqrt = torch.sqrt(1 - torch.pow(beta2, step))
+        step_size = -group["lr"] * bias2_sqrt / (1 - torch.pow(beta1, step))
+        eps_column = bias2_sqrt * group["eps"]
+        # Cache blocking (CPU): the update makes about a dozen passes over the rows' p, m, v
+        # and g. Over all rows at once each pass streams megabytes from memory; a block of
+        # rows at a time, the passes after a block's first read hit the core's cache. The
+        # elementwise ops are correctly rounded, so the result is bit-identical whatever
+        # the block size (tested). On an accelerator one block: there each extra block is a
+        # round of kernel launches.
+        block = _block_rows(values, _UPDATE_BLOCK_BYTES)
+        for start in range(0, rows.numel(), block):
+            part = slice(start, start + block)
+            grad = values.index_select(0, kept[part])
+            _update_rows(p, state, rows[part], grad, step_size[part], eps_column[part], group)
 
     def _state_of(self, p: Tensor) -> dict:
         """p's moments and per-row step counts, made when a row of p is first stepped."""
@@ -82,25 +98,27 @@ class RowAdam(torch.optim.Optimizer):
         return state
 
 
-# Gradient bytes per block of the CPU step: with the kept rows' p, m, v and g (about 40% of
-# a block's rows at n_e 5, K 2) it stays within a 1-2 MB core cache. Measured: 1.5-4 MiB
-# blocks all take about 0.55x the unblocked step; 8 MiB 0.65x.
-_CPU_BLOCK_BYTES = 2 << 20
+# Bytes of gradient rows per block on the CPU. The update's block, with its rows of p, m and
+# v and the temporaries, stays within a core's 1 MB cache; the zero test's block (two
+# reductions over the same rows) within its cache too. Measured on the small preset's real
+# gradients, one thread: update blocks of 128 KiB-1 MiB all take about 0.83x the one-block
+# step.
+_UPDATE_BLOCK_BYTES = 256 << 10
+_TEST_BLOCK_BYTES = 1 << 20
 
 
-def _block_rows(values: Tensor) -> int:
-    """Gradient rows per block of the step: all of them off the CPU (see `RowAdam.step`)."""
+def _block_rows(values: Tensor, block_bytes: int) -> int:
+    """Rows per block: all of them off the CPU (see `RowAdam._step_rows`)."""
     if values.device.type != "cpu":
         return values.shape[0]
-    return max(1, _CPU_BLOCK_BYTES // (values[0].numel() * values.element_size()))
+    return max(1, block_bytes // (values[0].numel() * values.element_size()))
 
 
-def _step_rows(p: Tensor, state: dict, rows: Tensor, grad: Tensor, group: dict) -> None:
-    """Lazy Adam on the distinct `rows` of `p`, whose gradients are `grad`."""
+def _update_rows(p: Tensor, state: dict, rows: Tensor, grad: Tensor, step_size: Tensor,
+                 eps_column: Tensor, group: dict) -> None:  # fmt: skip
+    """The moments and values of `rows` (distinct) stepped, given their bias-corrected step
+    sizes and eps (see `RowAdam._step_rows`)."""
     beta1, beta2 = group["betas"]
-    step = state["row_step"].index_add_(0, rows, torch.ones_like(rows))[rows]
-    step = step.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
-
     exp_avg = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - beta1)
     exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -110,13 +128,7 @@ def _step_rows(p: Tensor, state: dict, rows: Tensor, grad: Tensor, group: dict) 
     # strided, several times slower: measured.)
     state["exp_avg"].index_put_((rows,), exp_avg)
     state["exp_avg_sq"].index_put_((rows,), exp_avg_sq)
-
-    # m_hat / (sqrt(v_hat) + eps) = (m * c2 / c1) / (sqrt(v) + eps * c2) with
-    # c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t): the per-row corrections fold into two (R, 1)
-    # columns and the big tensors are touched three times.
-    bias2_sqrt = torch.sqrt(1 - torch.pow(beta2, step))
-    step_size = -group["lr"] * bias2_sqrt / (1 - torch.pow(beta1, step))
-    denom = exp_avg_sq.sqrt_().add_(bias2_sqrt * group["eps"])
+    denom = exp_avg_sq.sqrt_().add_(eps_column)
     update = exp_avg.div_(denom).mul_(step_size)
     if group["weight_decay"]:
         values = p.index_select(0, rows)
@@ -136,17 +148,21 @@ def _distinct_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     return rows, grad._values()
 
 
-def _nonzero_rows(rows: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """The rows (and their values) whose gradient is not all zero.
+def _nonzero_positions(values: Tensor) -> Tensor:
+    """Positions (int64, increasing) of the gradient rows that are not all zero.
 
     A gathered row that no position used (a JTok-M table that was not routed to) is not
-    stepped."""
+    stepped. A row is zero iff its max and min are: two reductions that allocate nothing,
+    where any() on floats first writes an (R, d) "!= 0" temporary (about 2.5x slower on a
+    CPU); on the CPU a block of rows at a time, so the second reads the rows from cache.
+    NaN propagates through amax and is != 0, so a NaN row is kept, as any() keeps it."""
     if values.numel() == 0:
-        return rows[:0], values[:0]
+        return torch.zeros(0, dtype=torch.int64, device=values.device)
     flat = values.reshape(values.shape[0], -1)
-    # A row is zero iff its max and min are: two reductions that allocate nothing, where
-    # any() on floats first writes an (R, d) "!= 0" temporary (about 2.5x slower on a CPU).
-    # NaN propagates through amax and is != 0, so a NaN row is kept, as any() keeps it.
-    used = torch.logical_or(flat.amax(dim=1) != 0, flat.amin(dim=1) != 0)
-    keep = used.nonzero().squeeze(1)
-    return rows.index_select(0, keep), values.index_select(0, keep)
+    used = torch.empty(flat.shape[0], dtype=torch.bool, device=flat.device)
+    block = _block_rows(flat, _TEST_BLOCK_BYTES)
+    for start in range(0, flat.shape[0], block):
+        rows = flat[start : start + block]
+        torch.logical_or(rows.amax(dim=1) != 0, rows.amin(dim=1) != 0,
+                         out=used[start : start + block])  # fmt: skip
+    return used.nonzero().squeeze(1)
