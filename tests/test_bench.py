@@ -47,8 +47,9 @@ def test_decode_benchmark_json_has_the_contract_fields(capsys):
                 row = variant[placement][batch]
                 assert row["tokens_per_s"] > 0 and math.isfinite(row["tokens_per_s"])
                 assert row["ratio_to_baseline"] > 0 and math.isfinite(row["ratio_to_baseline"])
-                low, high = row["ratio_ci95"]
+                low, high = row["ratio_ci"]
                 assert low <= row["ratio_to_baseline"] <= high
+                assert row["ratio_ci_coverage"] == pytest.approx(0.5)  # 2 reps: their range
                 assert row["prefill_ms"] > 0 and len(row["decode_ms_per_step_all"]) == 2
                 if name == "baseline":
                     assert row["ratio_to_baseline"] == 1.0 and row["table_device"] is None
@@ -244,7 +245,12 @@ def test_median_interval_is_the_binomial_order_statistic_interval():
         low, high, _ = median_interval([rng.expovariate(1.0) for _ in range(21)])
         hits += low <= math.log(2) <= high
     assert 0.95 <= hits / 2000 <= 0.995  # 21 draws: exact coverage 0.973
-    assert ratio_interval([2.0, 4.0, 6.0, 8.0, 10.0, 12.0], [2.0] * 6) == [1.0, 6.0]
+    assert ratio_interval([2.0, 4.0, 6.0, 8.0, 10.0, 12.0], [2.0] * 6) == {
+        "ci": [1.0, 6.0], "coverage": pytest.approx(0.96875)}
+    from jtok.bench.paired import interval_text
+
+    assert interval_text([1.0, 1.1], 0.97) == "[1.000, 1.100]"
+    assert interval_text([1.0, 1.1], 0.875) == "[1.000, 1.100] 88%"  # too few repetitions
 
 
 def test_prepared_device_checks_pass_on_the_cpu():

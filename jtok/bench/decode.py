@@ -31,7 +31,13 @@ from pathlib import Path
 
 import torch
 
-from jtok.bench.paired import interval_text, quartile_text, ratio_interval, ratio_summary
+from jtok.bench.paired import (
+    interval_fields,
+    interval_text,
+    quartile_text,
+    ratio_interval,
+    ratio_summary,
+)
 from jtok.bench.train_step import HostTableSteps, sync_device, variant_config, zipf_token_batches
 from jtok.config import ModelConfig, TrainConfig
 from jtok.errors import JTokError
@@ -422,8 +428,8 @@ def decode_benchmark(cfg: ModelConfig, variants: list[str], batches: list[int],
                     "tokens_per_s": batch * new_tokens / decode_s,
                     "ratio_to_baseline": paired(batch, config.name, "decode"),
                     "ratio_quartiles": summary(batch, config.name, "decode")[1],
-                    "ratio_ci95": ratio_interval(timings[batch][config.name]["decode"],
-                                                 timings[batch]["baseline"]["decode"]),
+                    **interval_fields(ratio_interval(timings[batch][config.name]["decode"],
+                                                     timings[batch]["baseline"]["decode"])),
                     "cpu_ratio_to_baseline": paired(batch, config.name, "cpu"),
                     "decode_ms_per_step": decode_s / new_tokens * 1e3,
                     "decode_ms_per_step_all": [t / new_tokens * 1e3 for t in samples["decode"]],
@@ -451,7 +457,8 @@ def format_report(result: dict) -> str:
                     f"{placement:<10}{batch:>6}  {name:<10}{row['prefill_ms']:>11.1f}"
                     f"{row['decode_ms_per_step']:>9.2f}{row['tokens_per_s']:>9.0f}"
                     f"{row['ratio_to_baseline']:>8.3f}{quartile_text(row['ratio_quartiles']):>14}"
-                    f"{interval_text(row['ratio_ci95']):>18}{row['cpu_ratio_to_baseline']:>10.3f}"
+                    f"{interval_text(row['ratio_ci'], row['ratio_ci_coverage']):>18}"
+                    f"{row['cpu_ratio_to_baseline']:>10.3f}"
                     f"{row['table_device'] or '-':>10}"
                 )  # fmt: skip
     check = result.get("host_placement_check")

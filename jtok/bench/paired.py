@@ -28,10 +28,16 @@ def ratio_summary(times: Sequence[float], baseline: Sequence[float]) -> tuple[fl
     return statistics.median(ratios), [q1, q3]
 
 
-def ratio_interval(times: Sequence[float], baseline: Sequence[float]) -> list[float]:
-    """[low, high] of a 95% (or the widest available) interval for the median paired ratio."""
-    low, high, _ = median_interval(paired_ratios(times, baseline))
-    return [low, high]
+def ratio_interval(times: Sequence[float], baseline: Sequence[float]) -> dict:
+    """The median paired ratio's interval: {"ci": [low, high], "coverage": c}, a 95% interval
+    where there are at least 6 repetitions, else the whole range and what it covers."""
+    low, high, coverage = median_interval(paired_ratios(times, baseline))
+    return {"ci": [low, high], "coverage": coverage}
+
+
+def interval_fields(interval: dict) -> dict:
+    """A `ratio_interval` as the benchmark JSON's two fields."""
+    return {"ratio_ci": interval["ci"], "ratio_ci_coverage": interval["coverage"]}
 
 
 def quartile_text(pair: Sequence[float]) -> str:
@@ -61,5 +67,7 @@ def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float
     return ordered[j - 1], ordered[n - j], coverage(j)
 
 
-def interval_text(interval: Sequence[float]) -> str:
-    return f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+def interval_text(interval: Sequence[float], coverage: float) -> str:
+    """"[low, high]", followed by its coverage where that is below 95% (few repetitions)."""
+    text = f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+    return text if coverage >= 0.95 else f"{text} {100 * coverage:.0f}%"

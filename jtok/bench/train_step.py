@@ -33,7 +33,13 @@ from collections import defaultdict
 
 import torch
 
-from jtok.bench.paired import interval_text, quartile_text, ratio_interval, ratio_summary
+from jtok.bench.paired import (
+    interval_fields,
+    interval_text,
+    quartile_text,
+    ratio_interval,
+    ratio_summary,
+)
 from jtok.config import ModelConfig, TrainConfig
 from jtok.flops import summarize
 from jtok.nn.model import build_model
@@ -170,14 +176,14 @@ class HostTableSteps:
         self.next += 1
         self.pending = self._fetch(self.next)  # overlaps this step's compute
         loss = _loss(self.model, batch_ids, token_rows)
-        _mark(clock, "forward")
+        _mark(clock, "forward")  # with the rows' hand-over and the next batch's request
         loss.backward()
         _mark(clock, "backward")
         pulled = self.store.pull_gradients()
         _mark(clock, "pull table gradients")
         with self.store.step_lock():
             self.optimizers.step()
-        _mark(clock, "step AdamW + RowAdam")
+        _mark(clock, "step " + " + ".join(type(o).__name__ for o in self.optimizers.optimizers))
         self.store.after_step(pulled)
         self.optimizers.zero_grad()
         value = loss.item()
@@ -291,8 +297,9 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
             # Paired: each repetition's ratio to the baseline, then the median.
             "ratio_to_baseline": paired_ratio(times, variant),
             "ratio_quartiles": ratio_summary(times[variant], times["baseline"])[1],
-            # Distribution-free 95% interval of the median ratio (jtok.bench.paired).
-            "ratio_ci95": ratio_interval(times[variant], times["baseline"]),
+            # Distribution-free 95% interval of the median ratio (jtok.bench.paired); with
+            # fewer than 6 repetitions the whole range, whose coverage is stated.
+            **interval_fields(ratio_interval(times[variant], times["baseline"])),
             "cpu_ratio_to_baseline": paired_ratio(cpu_times, variant),
             "accelerator_step_peak_bytes": peak.get(variant),  # above what was resident
         }
@@ -315,7 +322,8 @@ def format_report(result: dict) -> str:
         lines.append(
             f"{name:<12}{v['backbone_params']:>12,}{v['token_params']:>12,}"
             f"{v['step_ms_median']:>10.1f}{v['tokens_per_s']:>9.0f}{v['ratio_to_baseline']:>8.3f}"
-            f"{quartile_text(v['ratio_quartiles']):>14}{interval_text(v['ratio_ci95']):>18}"
+            f"{quartile_text(v['ratio_quartiles']):>14}"
+            f"{interval_text(v['ratio_ci'], v['ratio_ci_coverage']):>18}"
             f"{v['cpu_ms_median']:>9.1f}{v['cpu_ratio_to_baseline']:>10.3f}"
         )
     with_phases = [(n, v["phase_ms_median"]) for n, v in result["variants"].items()

@@ -7,7 +7,8 @@ For each study and overall:
   separately for the baseline and for JTok-M (every pool size), and both together;
 - an F test of the two variances (is a JTok-M run noisier than a baseline run?);
 - the sd of a same-seed difference JTok-M - baseline, pooled over settings (the noise of the
-  paired comparisons these studies make).
+  paired comparisons these studies make; a JTok-M setting with no baseline of the same labels
+  in its study is left out).
 Writes second_pass.json beside this file and prints the figures.
 
     python3 results/seed-noise/second_pass.py
@@ -27,8 +28,9 @@ STUDIES = ("gain-vs-size", "eta-power")
 
 
 def setting_key(run: dict) -> tuple:
-    """What a run's setting is, its seed left out: the variant and every other label."""
-    return tuple(sorted((k, v) for k, v in run["labels"].items() if k != "seed"))
+    """What a run's setting is, its seed left out: its study, variant and every other label
+    (the study too, so two studies' runs with the same labels never merge when pooled)."""
+    return (run["study"], *sorted((k, v) for k, v in run["labels"].items() if k != "seed"))
 
 
 def spread(runs: list[dict]) -> dict:
@@ -37,7 +39,7 @@ def spread(runs: list[dict]) -> dict:
         repeats[setting_key(run)][run["labels"]["seed"]] = run["final_val_loss"]
     kinds: dict[str, list[list[float]]] = {"baseline": [], "jtokm": []}
     for key, by_seed in repeats.items():
-        kind = "baseline" if dict(key)["variant"] == "baseline" else "jtokm"
+        kind = "baseline" if dict(key[1:])["variant"] == "baseline" else "jtokm"
         kinds[kind].append(list(by_seed.values()))
     out: dict = {}
     for kind, groups in kinds.items():
@@ -56,10 +58,10 @@ def spread(runs: list[dict]) -> dict:
     # Same-seed differences: each JTok-M setting against the baseline of its backbone.
     diffs: list[list[float]] = []
     for key, by_seed in repeats.items():
-        labels = dict(key)
+        labels = dict(key[1:])
         if labels["variant"] == "baseline":
             continue
-        base_key = tuple(sorted({**labels, "variant": "baseline"}.items()))
+        base_key = (key[0], *sorted({**labels, "variant": "baseline"}.items()))
         base = repeats.get(base_key, {})
         diffs.append([by_seed[s] - base[s] for s in by_seed if s in base])
     sd, dof = pooled_sd(diffs)
@@ -68,7 +70,8 @@ def spread(runs: list[dict]) -> dict:
 
 
 def main() -> None:
-    per_study = {name: load_results(HERE.parent / name) for name in STUDIES}
+    per_study = {name: [{**run, "study": name} for run in load_results(HERE.parent / name)]
+                 for name in STUDIES}  # fmt: skip
     summary = {name: spread(runs) for name, runs in per_study.items()}
     summary["pooled"] = spread([run for runs in per_study.values() for run in runs])
     (HERE / "second_pass.json").write_text(json.dumps(summary, indent=2) + "\n")
