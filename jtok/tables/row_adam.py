@@ -78,10 +78,11 @@ class RowAdam(torch.optim.Optimizer):
         eps_column = bias2_sqrt * group["eps"]
         # Cache blocking (CPU): the update makes about a dozen passes over the rows' p, m, v
         # and g. Over all rows at once each pass streams megabytes from memory; a block of
-        # rows at a time, the passes after a block's first read hit the core's cache. The
-        # elementwise ops are correctly rounded, so the result is bit-identical whatever
-        # the block size (tested). On an accelerator one block: there each extra block is a
-        # round of kernel launches.
+        # rows at a time, the passes after a block's first read hit the core's cache. These
+        # elementwise ops give the same bits on a tensor's vectorised body and its scalar
+        # tail, so the result is bit-identical whatever the block size (tested, with blocks
+        # of one row). On an accelerator one block: there each extra block is a round of
+        # kernel launches.
         block = _block_rows(values, _UPDATE_BLOCK_BYTES)
         for start in range(0, rows.numel(), block):
             part = slice(start, start + block)
@@ -131,8 +132,8 @@ def _update_rows(p: Tensor, state: dict, rows: Tensor, grad: Tensor, step_size: 
     denom = exp_avg_sq.sqrt_().add_(eps_column)
     update = exp_avg.div_(denom).mul_(step_size)
     if group["weight_decay"]:
-        values = p.index_select(0, rows)
-        update.add_(values, alpha=-group["lr"] * group["weight_decay"])
+        current = p.index_select(0, rows)
+        update.add_(current, alpha=-group["lr"] * group["weight_decay"])
     p.index_add_(0, rows, update)
 
 
