@@ -201,18 +201,23 @@ def test_phases_time_every_part_of_the_step_once_per_timed_step(capsys):
     assert not any("phase_ms_median" in v for v in result["variants"].values())
 
 
-def test_phase_clock_sums_a_step_per_phase():
-    from jtok.bench.train_step import PhaseClock
+def test_phase_clock_sums_a_step_per_phase(monkeypatch):
+    import itertools
 
-    clock = PhaseClock(torch.device("cpu"))
-    for _ in range(3):
+    from jtok.bench import train_step as ts
+
+    ticks = itertools.count()  # perf_counter reads 0, 1, 2, ... seconds
+    monkeypatch.setattr(ts.time, "perf_counter", lambda: float(next(ticks)))
+    clock = ts.PhaseClock(torch.device("cpu"))
+    for step in range(4):
+        clock.recording = step > 0  # the first step is a warm-up: not kept
         clock.start()
-        clock.mark("a")
-        clock.mark("b")
-        clock.mark("a")  # a second visit adds to the step's "a"
+        clock.mark("a")  # 1 s
+        clock.mark("b")  # 1 s
+        clock.mark("a")  # a second visit adds to the step's "a": 2 s in all
         clock.finish()
-    assert {k: len(v) for k, v in clock.samples.items()} == {"a": 3, "b": 3}
-    assert set(clock.medians_ms()) == {"a", "b"}
+    assert clock.samples == {"a": [2.0, 2.0, 2.0], "b": [1.0, 1.0, 1.0]}
+    assert clock.medians_ms() == {"a": 2000.0, "b": 1000.0}
 
 
 def test_ratio_summary_is_the_median_and_quartiles_of_paired_ratios():
@@ -246,7 +251,7 @@ def test_median_interval_is_the_binomial_order_statistic_interval():
         hits += low <= math.log(2) <= high
     assert 0.95 <= hits / 2000 <= 0.995  # 21 draws: exact coverage 0.973
     assert ratio_interval([2.0, 4.0, 6.0, 8.0, 10.0, 12.0], [2.0] * 6) == {
-        "ci": [1.0, 6.0], "coverage": pytest.approx(0.96875)}
+        "ratio_ci": [1.0, 6.0], "ratio_ci_coverage": pytest.approx(0.96875)}
     from jtok.bench.paired import interval_text
 
     assert interval_text([1.0, 1.1], 0.97) == "[1.000, 1.100]"

@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 from jtok.bench.paired import (
-    interval_fields,
     interval_text,
     quartile_text,
     ratio_interval,
@@ -428,8 +427,8 @@ def decode_benchmark(cfg: ModelConfig, variants: list[str], batches: list[int],
                     "tokens_per_s": batch * new_tokens / decode_s,
                     "ratio_to_baseline": paired(batch, config.name, "decode"),
                     "ratio_quartiles": summary(batch, config.name, "decode")[1],
-                    **interval_fields(ratio_interval(timings[batch][config.name]["decode"],
-                                                     timings[batch]["baseline"]["decode"])),
+                    **ratio_interval(timings[batch][config.name]["decode"],
+                                     timings[batch]["baseline"]["decode"]),
                     "cpu_ratio_to_baseline": paired(batch, config.name, "cpu"),
                     "decode_ms_per_step": decode_s / new_tokens * 1e3,
                     "decode_ms_per_step_all": [t / new_tokens * 1e3 for t in samples["decode"]],

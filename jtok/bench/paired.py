@@ -29,15 +29,11 @@ def ratio_summary(times: Sequence[float], baseline: Sequence[float]) -> tuple[fl
 
 
 def ratio_interval(times: Sequence[float], baseline: Sequence[float]) -> dict:
-    """The median paired ratio's interval: {"ci": [low, high], "coverage": c}, a 95% interval
-    where there are at least 6 repetitions, else the whole range and what it covers."""
+    """The median paired ratio's interval as the benchmark JSON's fields: ``ratio_ci``, a 95%
+    interval where there are at least 6 repetitions, else the whole range, and
+    ``ratio_ci_coverage``, what it covers."""
     low, high, coverage = median_interval(paired_ratios(times, baseline))
-    return {"ci": [low, high], "coverage": coverage}
-
-
-def interval_fields(interval: dict) -> dict:
-    """A `ratio_interval` as the benchmark JSON's two fields."""
-    return {"ratio_ci": interval["ci"], "ratio_ci_coverage": interval["coverage"]}
+    return {"ratio_ci": [low, high], "ratio_ci_coverage": coverage}
 
 
 def quartile_text(pair: Sequence[float]) -> str:

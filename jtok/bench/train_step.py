@@ -34,7 +34,6 @@ from collections import defaultdict
 import torch
 
 from jtok.bench.paired import (
-    interval_fields,
     interval_text,
     quartile_text,
     ratio_interval,
@@ -89,10 +88,12 @@ class PhaseClock:
     """Where a training step's time goes: the time from one `mark` to the next, summed per
     phase name over a step, one sample per phase and step (`--phases`). On an accelerator
     each mark first waits for the device, so the phases are its times too; those waits also
-    serialise the step, which is why the clock is opt-in."""
+    serialise the step, which is why the clock is opt-in. Steps are kept only once
+    `recording` is set (the benchmark sets it after the warm-up)."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.recording = False
         self.samples: dict[str, list[float]] = defaultdict(list)
         self._step: dict[str, float] = defaultdict(float)
         self._last = 0.0
@@ -109,8 +110,9 @@ class PhaseClock:
         self._last = now
 
     def finish(self) -> None:
-        for phase, seconds in self._step.items():
-            self.samples[phase].append(seconds)
+        if self.recording:
+            for phase, seconds in self._step.items():
+                self.samples[phase].append(seconds)
 
     def medians_ms(self) -> dict[str, float]:
         return {phase: statistics.median(v) * 1e3 for phase, v in self.samples.items()}
@@ -152,7 +154,8 @@ class HostTableSteps:
 
     def __init__(self, model, optimizers: Optimizers, batches: list[torch.Tensor],
                  device: torch.device | None = None, clock: PhaseClock | None = None):  # fmt: skip
-        """`batches` on the host; `device` is the model's (default: the batches')."""
+        """`batches` on the host; `device` is the model's (default: the batches'); `clock`
+        times each step's phases (`PhaseClock`)."""
         self.model, self.optimizers, self.batches = model, optimizers, batches
         self.clock = clock
         self.device = device if device is not None else batches[0].device
@@ -228,19 +231,15 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
         opts = Optimizers(model, TrainConfig(lr=1e-3))
         clock = PhaseClock(device) if phases else None
         if placement == "host":  # its own batch order (it prefetches ahead): ids ignored
-            host_steps = HostTableSteps(model, opts, host_batches, device)
+            host_steps = HostTableSteps(model, opts, host_batches, device, clock=clock)
             steps_of = functools.partial(_ignore_ids, host_steps.step)
         else:
-            steps_of = functools.partial(train_step, model, opts)
+            steps_of = functools.partial(train_step, model, opts, clock=clock)
         runs[name] = (vcfg, steps_of, placement)
         for i in range(warmup):
             steps_of(batches[i % len(batches)])
-        if clock is not None:  # attached after the warm-up, which it does not record
-            if placement == "host":
-                host_steps.clock = clock
-            else:
-                runs[name] = (vcfg, functools.partial(train_step, model, opts, clock=clock),
-                              placement)  # fmt: skip
+        if clock is not None:
+            clock.recording = True  # from here on: the warm-up is not recorded
             clocks[name] = clock
     variants = list(runs)
 
@@ -299,7 +298,7 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
             "ratio_quartiles": ratio_summary(times[variant], times["baseline"])[1],
             # Distribution-free 95% interval of the median ratio (jtok.bench.paired); with
             # fewer than 6 repetitions the whole range, whose coverage is stated.
-            **interval_fields(ratio_interval(times[variant], times["baseline"])),
+            **ratio_interval(times[variant], times["baseline"]),
             "cpu_ratio_to_baseline": paired_ratio(cpu_times, variant),
             "accelerator_step_peak_bytes": peak.get(variant),  # above what was resident
         }
