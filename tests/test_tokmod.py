@@ -205,6 +205,7 @@ def test_fused_lookup_equals_a_per_layer_embedding_reference(kind, dedup, sparse
                tokmod__dedup=str(dedup).lower(), tokmod__sparse_grad=str(sparse).lower())
     model = build_model(cfg, seed=1)
     tables = model.token_tables
+    tables.routed_gather = False  # the up-front blocks; tests/test_tables_routed.py: the rest
     V, n, d = cfg.vocab_size, cfg.tokmod.tables_per_layer, cfg.d_model
     reference = torch.nn.ModuleList(torch.nn.Embedding(V, n * d) for _ in cfg.tokmod_layers)
     with torch.no_grad():
@@ -372,9 +373,11 @@ def jtokm_layer_case(seq, n_e=5, top_k=2):
 def test_jtokm_layer_equals_the_plain_formulation_bit_for_bit(seq, grad):
     model, mod, ids, (h, h_tilde, m) = jtokm_layer_case(seq)
     with torch.set_grad_enabled(grad):
-        rows = model.token_tables.lookup(ids)
+        rows = model.token_tables.lookup(ids)  # with grad: RoutedRows, read after the router
+        model.token_tables.routed_gather = False
+        blocks = model.token_tables.lookup(ids)  # the up-front (U, n, d) blocks
         out, aux = mod(h, h_tilde, m, rows.layers[0], rows.inverse_N)
-        expected = plain_jtokm(mod, h, h_tilde, m, rows.layers[0], rows.inverse_N)
+        expected = plain_jtokm(mod, h, h_tilde, m, blocks.layers[0], blocks.inverse_N)
     assert torch.equal(out, expected)
     assert (aux is not None) == grad  # the balance loss only where the router trains
 
