@@ -239,3 +239,19 @@ def test_a_second_process_cannot_take_a_run_in_use(tiny_data, trained_run, tmp_p
     # The holder died: its lock is free again at once.
     assert resume(run, "--set", "steps=1") in (0, 2)
     assert "in use" not in capsys.readouterr().err
+
+
+def test_run_json_records_the_numerics_of_every_start(trained_run, monkeypatch):
+    first = json.loads((trained_run / "run.json").read_text())["starts"]
+    assert len(first) == 1 and first[0]["step"] == 0
+    assert first[0]["torch"] == torch.__version__
+    assert first[0]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)  # as if on another machine
+    for path in ckpt.list_checkpoints(trained_run)[1:]:  # back to step 4
+        import shutil
+
+        shutil.rmtree(path)
+    assert resume(trained_run) == 0
+    starts = json.loads((trained_run / "run.json").read_text())["starts"]
+    assert starts[0] == first[0]  # the first start's record is kept
+    assert (starts[1]["step"], starts[1]["threads"]) == (4, 7)

@@ -13,7 +13,8 @@ the directory as it was (but for the lock file). Both run under the run's lock
 
 run.json records the data as given and as resolved to an absolute path, with a
 fingerprint of its manifest, so `eval` finds the data from any working directory, and a
-moved data directory is recognised as the same data.
+moved data directory is recognised as the same data; and, per start, the numerics the run
+ran under (`numerics_environment`).
 """
 
 from __future__ import annotations
@@ -275,8 +276,9 @@ def apply_start(plan: StartPlan, log=None) -> None:
     info = read_run_info(run_dir) if plan.resume else {}
     history = list(info.get("changes", []))
     history += [c.record(plan.start_step) for c in plan.changes]
+    starts = [*info.get("starts", []), {"step": plan.start_step, **numerics_environment()}]
     info = {"jtok_version": __version__, **info, "data": _data_record(str(plan.data_dir)),
-            "changes": history}  # fmt: skip
+            "changes": history, "starts": starts}  # fmt: skip
     info["data"]["given"] = plan.config.train.data
     write_json_atomic(run_dir / RUN_INFO_FILE, info)
     write_json_atomic(run_dir / CONFIG_FILE, plan.config.to_dict())
@@ -285,6 +287,23 @@ def apply_start(plan: StartPlan, log=None) -> None:
         shutil.copyfile(source, run_dir / TOKENIZER_FILE)
     if plan.resume:
         truncate_metrics(run_dir, plan.start_step)
+
+
+def numerics_environment() -> dict[str, Any]:
+    """What decides a run's floating-point results besides its config and data: the torch
+    build, the CPU kernels it dispatches to (AVX2 and AVX-512 sum in different orders), the
+    intra-op threads, the accelerator. run.json keeps one record per start, so a run resumed
+    on another machine says where its trajectory may have left the bits of an unbroken run."""
+    import platform
+
+    import torch
+
+    record = {"torch": torch.__version__, "cpu": platform.machine(),
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "threads": torch.get_num_threads()}  # fmt: skip
+    if torch.cuda.is_available():
+        record["cuda_device"] = torch.cuda.get_device_name()
+    return record
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
