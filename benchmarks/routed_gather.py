@@ -80,8 +80,9 @@ def measure(cfg: ModelConfig, batch: int, seq_len: int, reps: int, warmup: int =
             train_step(*models[name], ids)
             if step >= warmup:
                 times[name].append(time.perf_counter() - start)
-    same = all(torch.equal(a, b) for a, b in zip(models["routed"][0].parameters(),
-                                                   models["up-front"][0].parameters()))  # fmt: skip
+    pairs = zip(models["routed"][0].parameters(), models["up-front"][0].parameters(),
+                strict=True)  # fmt: skip
+    same = all(torch.equal(a, b) for a, b in pairs)
     if not same:
         raise SystemExit("routed_gather: the routed and up-front models differ after training")
     ratios = paired_ratios(times["routed"], times["up-front"])
