@@ -8,6 +8,8 @@ one JSON object (also written to --out):
 
 - host == device tables on the accelerator: logits, table-row gradients and five training
   steps' losses (the prefetch never reads a row before the step that updates it);
+- the device store's routed gather == its up-front gather on the accelerator (gradients,
+  five steps' losses);
 - where host tables live after a training step: no table row or row-optimizer state on
   the accelerator (`jtok.bench.decode.check_host_placement`, strict);
 - batched greedy generation with host tables on the accelerator gives the device-table ids,
@@ -95,6 +97,34 @@ def check_training(cfg, state, batches, device) -> dict:
     }  # fmt: skip
 
 
+def check_routed_gather(cfg, state, batches, device) -> dict:
+    """The device store's routed gather (rows read after each router) vs the up-front
+    gather, training on the accelerator: table gradients and five steps' losses. (On a CPU
+    they are bit-identical; on a GPU the gradients' scatter-adds may sum in another order.)"""
+    out = {}
+    for routed in (True, False):
+        model = loaded(cfg, state, device, "device").train()
+        model.token_tables.routed_gather = routed
+        opts = Optimizers(model, TrainConfig(lr=1e-4, table_lr_mult=30))
+        ids = batches[0].to(device)
+        loss = F.cross_entropy(model(ids[:, :-1]).logits.flatten(0, 1).float(),
+                               ids[:, 1:].flatten())  # fmt: skip
+        loss.backward()
+        grad = model.token_tables.weight.grad.coalesce().to_dense().cpu()
+        opts.zero_grad()
+        losses = [train_step(model, opts, batches[i % len(batches)].to(device))
+                  for i in range(5)]  # fmt: skip
+        out[routed] = (grad, losses)
+    (routed_grad, routed_losses), (front_grad, front_losses) = out[True], out[False]
+    return {
+        "table_grad_max_abs_diff": float((routed_grad - front_grad).abs().max()),
+        "losses_routed": routed_losses, "losses_up_front": front_losses,
+        "ok": bool(torch.allclose(routed_grad, front_grad, rtol=1e-4, atol=1e-6)
+                   and all(abs(a - b) <= 1e-4 * abs(a)
+                           for a, b in zip(routed_losses, front_losses, strict=True))),
+    }  # fmt: skip
+
+
 def check_generation(cfg, state, device, compiled: bool = True) -> dict:
     """Greedy ids of mixed-length prompts: host vs device tables, compiled vs eager."""
     gen = torch.Generator().manual_seed(3)
@@ -138,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     checks = {
         "training": lambda: check_training(cfg, state, batches, device),
+        "routed_gather": lambda: check_routed_gather(cfg, state, batches, device),
         "placement": lambda: check_host_placement(cfg, device, strict=True),
         "generation": lambda: check_generation(cfg, state, device),
     }
