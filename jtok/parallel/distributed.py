@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from jtok.tables.row_adam import nonzero_positions
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -123,6 +125,11 @@ def average_table_gradients(params: list[torch.nn.Parameter], env: DistEnv) -> N
             grad = torch.sparse_coo_tensor(no_rows, param.new_empty(0, *param.shape[1:]),
                                            param.shape)  # fmt: skip
         grad = grad.coalesce()
-        indices = _all_gather_rows(grad.indices().T.contiguous(), env).T
-        values = _all_gather_rows(grad.values(), env) / env.world_size
+        # Only the rows with a nonzero gradient travel (the rows RowAdam steps). Besides the
+        # bytes, this makes the mean independent of the zero rows a store's gradient holds
+        # (the device store's up-front and routed gathers differ only in those): coalesce
+        # orders the sum of a row's copies from 3+ processes by the whole layout.
+        kept = nonzero_positions(grad.values())
+        indices = _all_gather_rows(grad.indices()[:, kept].T.contiguous(), env).T
+        values = _all_gather_rows(grad.values().index_select(0, kept), env) / env.world_size
         param.grad = torch.sparse_coo_tensor(indices, values, grad.shape).coalesce()

@@ -262,6 +262,7 @@ def plan_start(run_dir: Path | str, run_cfg: RunConfig, *, resume: bool = False,
 def apply_start(plan: StartPlan, log=None) -> None:
     """Make the directory what `plan` says (call on one process, under the run's lock)."""
     run_dir = plan.run_dir
+    numerics = numerics_environment(plan.config.train.device)  # before anything is removed
     if plan.overwrite:
         for name in RUN_OUTPUTS:
             target = run_dir / name
@@ -276,7 +277,7 @@ def apply_start(plan: StartPlan, log=None) -> None:
     info = read_run_info(run_dir) if plan.resume else {}
     history = list(info.get("changes", []))
     history += [c.record(plan.start_step) for c in plan.changes]
-    starts = [*info.get("starts", []), {"step": plan.start_step, **numerics_environment()}]
+    starts = [*info.get("starts", []), {"step": plan.start_step, **numerics}]
     info = {"jtok_version": __version__, **info, "data": _data_record(str(plan.data_dir)),
             "changes": history, "starts": starts}  # fmt: skip
     info["data"]["given"] = plan.config.train.data
@@ -289,20 +290,30 @@ def apply_start(plan: StartPlan, log=None) -> None:
         truncate_metrics(run_dir, plan.start_step)
 
 
-def numerics_environment() -> dict[str, Any]:
+def numerics_environment(device_preference: str = "auto") -> dict[str, Any]:
     """What decides a run's floating-point results besides its config and data: the torch
     build, the CPU kernels it dispatches to (AVX2 and AVX-512 sum in different orders), the
-    intra-op threads, the accelerator. run.json keeps one record per start, so a run resumed
-    on another machine says where its trajectory may have left the bits of an unbroken run."""
+    intra-op threads, the number of processes, the accelerator the run uses. run.json keeps
+    one record per start, so a run resumed on another machine says where its trajectory may
+    have left the bits of an unbroken run. (The parallel mode is in config.json.)"""
     import platform
 
     import torch
 
+    from jtok.parallel.distributed import resolve_device
+
+    world = torch.distributed.get_world_size() if (
+        torch.distributed.is_available() and torch.distributed.is_initialized()) else 1  # fmt: skip
     record = {"torch": torch.__version__, "cpu": platform.machine(),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "threads": torch.get_num_threads()}  # fmt: skip
-    if torch.cuda.is_available():
-        record["cuda_device"] = torch.cuda.get_device_name()
+              "threads": torch.get_num_threads(), "processes": world}  # fmt: skip
+    try:
+        device = resolve_device(device_preference)
+    except JTokError:  # the trainer reports a device it cannot use; this only records
+        return record
+    record["device"] = device.type
+    if device.type == "cuda":
+        record["cuda_device"] = torch.cuda.get_device_name(device)
     return record
 
 

@@ -53,7 +53,7 @@ class RowAdam(torch.optim.Optimizer):
                         "RowAdam needs sparse gradients; build the table with sparse=True"
                     )
                 gathered_rows, values = _distinct_rows(p.grad)
-                kept = _nonzero_positions(values)
+                kept = nonzero_positions(values)
                 if kept.numel() == 0:  # nothing to step (no rows, all zero, or width 0)
                     continue
                 self._step_rows(p, gathered_rows.index_select(0, kept), values, kept, group)
@@ -149,7 +149,7 @@ def _distinct_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     return rows, grad._values()
 
 
-def _nonzero_positions(values: Tensor) -> Tensor:
+def nonzero_positions(values: Tensor) -> Tensor:
     """Positions (int64, increasing) of the gradient rows that are not all zero.
 
     A gathered row that no position used (a JTok-M table that was not routed to) is not

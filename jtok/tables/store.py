@@ -8,7 +8,7 @@ per layer for the U distinct keys of the batch (jtok.tables.keys).
 
 - `TokenTables` (placement "device"): the matrix is a Parameter on the model's device. With
   ``sparse_grad`` its gradient holds only the gathered rows, for `RowAdam`; in JTok-M
-  training only the rows some position routes to (`RoutedRows`).
+  training only the rows some position routes to (jtok.tables.routed).
 - `HostTables` (placement "host", jtok.tables.host): the matrix and its row-optimizer
   state stay in host memory; only a batch's gathered rows travel to the accelerator.
 - `ShardedTables` (placement "sharded", jtok.tables.sharded): each of W processes holds
@@ -45,7 +45,8 @@ class TokenRows:
     ``layers[i]`` has shape (U, tables_per_layer, d) for the i-th table-carrying layer;
     position p of the flattened batch reads row ``inverse_N[p]``. (On the sharded store's
     pre-mixed path each is an `OwnerMixedRows` instead: the rows stay with their owners; and
-    when the device store trains JTok-M, a `RoutedRows`: read after the layer's router.)
+    when the device store trains JTok-M, a `jtok.tables.routed.RoutedRows`: read after
+    the layer's router.)
     """
 
     layers: tuple[Tensor, ...]
@@ -141,10 +142,11 @@ class TokenTables(_TableLayout, nn.Module):
         super().__init__()
         self._init_layout(cfg)
         self.weight = nn.Parameter(torch.empty(self.n_rows, cfg.d_model))
-        # JTok-M training reads each layer's rows after its router (`RoutedRows`), where
-        # fewer than all n of a key's rows are routed to. Bit-identical either way.
+        # JTok-M training reads each layer's rows after its router (jtok.tables.routed),
+        # where fewer than all n of a key's rows are routed to, with deduplicated keys (the
+        # condition for bit-identical results).
         tok = cfg.tokmod
-        self.routed_gather = tok.kind == "jtokm" and tok.top_k < tok.n_e
+        self.routed_gather = tok.kind == "jtokm" and tok.top_k < tok.n_e and tok.dedup
 
     def layer_weight(self, layer: int) -> Tensor:
         """The tables of one layer as a (V, n, d) view: E_{l,i}[x] = layer_weight(l)[x, i]."""
@@ -158,51 +160,11 @@ class TokenTables(_TableLayout, nn.Module):
         # own loops (fused with the layers that read it), the sparse one stays a library call.
         sparse = self.sparse_grad and torch.is_grad_enabled()
         if sparse and self.routed_gather:
-            layers = tuple(RoutedRows(self, slot, keys) for slot in range(len(self.layers)))
-            return TokenRows(layers, keys.inverse_N)
+            from jtok.tables.routed import routed_layers
+
+            return TokenRows(routed_layers(self, keys), keys.inverse_N)
         rows = F.embedding(self.row_index(keys.distinct_U), self.weight, sparse=sparse)
         return TokenRows(self.split_layers(rows, keys.count), keys.inverse_N)
-
-
-class RoutedRows(OwnerMixedRows):
-    """One layer's JTok-M rows on the device store, read after the layer's router has run:
-    only the (key, table) pairs some position routes to, each once.
-
-    Why: the up-front gather reads all n tables of every distinct key, but each position
-    mixes K of them (Eq 12), so at n_e / K = 4 most gathered rows are never used, yet each
-    is copied, stacked into the gradient, zero-tested and coalesced every step. Reading
-    after the router touches only the routed rows: at n_e 64, K 16 (eta-power's largest
-    pool) about a quarter of them (benchmarks/README.md).
-    Results are bit-identical to the up-front gather (tests/test_tables_routed.py): a
-    routed row's values are the same, its gradient is the same sum in the same order (the
-    relabelling of rows below keeps their order), and rows nobody routes to get no
-    gradient either way, so RowAdam steps the same rows. Only the device store does this:
-    host and sharded rows must be fetched before the forward (or mixed at their owners)."""
-
-    def __init__(self, store: TokenTables, slot: int, keys: RowKeys):
-        self.store, self.slot, self.keys = store, slot, keys
-
-    def mix(self, weights_NK: Tensor, index_NK: Tensor) -> Tensor:
-        store, keys = self.store, self.keys
-        n_tables, n_pairs = store.tables_per_layer, keys.count * store.tables_per_layer
-        # Pair p = u * n + i is table i's row for distinct key u. The routed pairs, each
-        # once and ascending, by marking (no sort: linear in U * n and N * K).
-        pair_M = (keys.inverse_N.unsqueeze(1) * n_tables + index_NK).reshape(-1)
-        used = torch.zeros(n_pairs, dtype=torch.bool, device=pair_M.device)
-        used[pair_M] = True
-        routed_P = used.nonzero().squeeze(1)
-        slot_of = torch.empty(n_pairs, dtype=torch.int64, device=pair_M.device)
-        slot_of[routed_P] = torch.arange(routed_P.numel(), device=pair_M.device)
-        token_row_U = (keys.distinct_U + self.slot * store.vocab_size) * n_tables
-        row_index = token_row_U[routed_P // n_tables] + routed_P % n_tables
-        rows_PD = F.embedding(row_index, store.weight, sparse=True)
-        if rows_PD.dtype != torch.float32:
-            rows_PD = rows_PD.float()
-        top_k = index_NK.shape[1]
-        offsets = torch.arange(0, pair_M.numel(), top_k, device=pair_M.device)
-        # Eq 12 as in JTokM.forward: one fused gather-and-weighted-sum per layer.
-        return torch.embedding_bag(rows_PD, slot_of[pair_M], offsets, False, 0, False,
-                                   weights_NK.reshape(-1), False, None)[0]  # fmt: skip
 
 
 DeviceTables = TokenTables  # the name by placement
