@@ -15,6 +15,15 @@ from jtok.training.loop import clip_grad_norm_
 from jtok.training.optim import Optimizers
 
 
+def _table_gradient(cfg, ids, routed: bool) -> torch.Tensor:
+    """The table's sparse gradient of one forward and backward, with either gather."""
+    model = build_model(cfg, seed=1)
+    model.token_tables.routed_gather = routed
+    out = model(ids)
+    (out.logits.square().mean() + out.aux_loss).backward()
+    return model.token_tables.weight.grad
+
+
 def _step(model, optimizers, micro_batches) -> tuple[list[float], float]:
     """One optimizer step over `micro_batches` (accumulated gradients), clipped at 1."""
     losses = []
@@ -57,13 +66,7 @@ def test_routed_training_is_bit_identical_to_the_up_front_gather(n_e, top_k, lay
 def test_routed_gradient_holds_exactly_the_routed_rows():
     cfg = tiny(tokmod__kind="jtokm", tokmod__n_e=8, tokmod__top_k=2)
     ids = random_ids(cfg, batch=2, seq=12, seed=3)
-    grads = {}
-    for routed in (True, False):
-        model = build_model(cfg, seed=1)
-        model.token_tables.routed_gather = routed
-        out = model(ids)
-        (out.logits.square().mean() + out.aux_loss).backward()
-        grads[routed] = model.token_tables.weight.grad
+    grads = {routed: _table_gradient(cfg, ids, routed) for routed in (True, False)}
     # The routed rows' gradients of all layers arrive as one gradient, in row order.
     rows = grads[True]._indices()[0]
     assert bool((rows[1:] > rows[:-1]).all())
@@ -118,13 +121,8 @@ def test_replicated_table_mean_over_three_processes_is_the_same_for_both_gathers
     env = distributed.DistEnv(rank=0, world_size=3)
     means = {}
     for routed in (True, False):
-        grads = []
-        for rank in range(3):
-            model = build_model(cfg, seed=1)
-            model.token_tables.routed_gather = routed
-            out = model(random_ids(cfg, batch=4, seq=24, seed=rank))
-            (out.logits.square().mean() + out.aux_loss).backward()
-            grads.append(model.token_tables.weight.grad)
+        grads = [_table_gradient(cfg, random_ids(cfg, batch=4, seq=24, seed=rank), routed)
+                 for rank in range(3)]  # fmt: skip
         sent: list[list[torch.Tensor]] = [[], []]  # indices, then values, per process
 
         def record(tensor, env, sent=sent, calls=[0]):  # noqa: B006 - the call counter
