@@ -56,21 +56,25 @@ def loaded(cfg, state: dict, device: torch.device, placement: str):
     return model
 
 
+def first_gradient(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, the tables' gradient as a dense CPU tensor) of one batch; gradients cleared."""
+    logits = model(ids[:, :-1]).logits
+    F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+    if model.token_tables.placement == "host":
+        model.token_tables.pull_gradients()  # the rows' gradients back onto the host matrix
+    grad = model.token_tables.weight.grad
+    grad = grad.coalesce().to_dense().cpu() if grad.is_sparse else grad.cpu()
+    model.zero_grad(set_to_none=True)
+    model.token_tables.weight.grad = None  # host tables are not the model's parameters
+    return logits.detach().float().cpu(), grad
+
+
 def check_training(cfg, state, batches, device) -> dict:
     """Logits, table gradients and five steps' losses: host tables vs device tables."""
     out = {}
     for placement in ("device", "host"):
         model = loaded(cfg, state, device, placement).train()
-        ids = batches[0].to(device)
-        logits = model(ids[:, :-1]).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss.backward()
-        if placement == "host":
-            model.token_tables.pull_gradients()  # the rows' gradients back onto the host matrix
-        grad = model.token_tables.weight.grad
-        grad = grad.coalesce().to_dense().cpu() if grad.is_sparse else grad.cpu()
-        model.zero_grad(set_to_none=True)
-        model.token_tables.weight.grad = None  # host tables are not the model's parameters
+        logits, grad = first_gradient(model, batches[0].to(device))
         # A small step: on an accelerator the two stores step their rows on different
         # processors (RowAdam on the host vs on the GPU), whose float rounding differs; a
         # fresh Adam's first updates at a training LR would grow that into visible loss
@@ -82,7 +86,7 @@ def check_training(cfg, state, batches, device) -> dict:
         else:
             losses = [train_step(model, opts, batches[i % len(batches)].to(device))
                       for i in range(5)]  # fmt: skip
-        out[placement] = (logits.detach().float().cpu(), grad, losses)
+        out[placement] = (logits, grad, losses)
     (dev_logits, dev_grad, dev_losses), (host_logits, host_grad, host_losses) = (
         out["device"], out["host"])  # fmt: skip
     same_losses = all(abs(a - b) <= 1e-4 * abs(a)
@@ -105,13 +109,8 @@ def check_routed_gather(cfg, state, batches, device) -> dict:
     for routed in (True, False):
         model = loaded(cfg, state, device, "device").train()
         model.token_tables.routed_gather = routed
+        _, grad = first_gradient(model, batches[0].to(device))
         opts = Optimizers(model, TrainConfig(lr=1e-4, table_lr_mult=30))
-        ids = batches[0].to(device)
-        loss = F.cross_entropy(model(ids[:, :-1]).logits.flatten(0, 1).float(),
-                               ids[:, 1:].flatten())  # fmt: skip
-        loss.backward()
-        grad = model.token_tables.weight.grad.coalesce().to_dense().cpu()
-        opts.zero_grad()
         losses = [train_step(model, opts, batches[i % len(batches)].to(device))
                   for i in range(5)]  # fmt: skip
         out[routed] = (grad, losses)

@@ -30,18 +30,20 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jtok.bench.paired import paired_ratios, ratio_interval  # noqa: E402
-from jtok.bench.train_step import sync_device, variant_config, zipf_token_batches  # noqa: E402
+from jtok.bench.train_step import (  # noqa: E402
+    sync_device,
+    train_step,
+    variant_config,
+    zipf_token_batches,
+)
 from jtok.config import ModelConfig, TrainConfig  # noqa: E402
 from jtok.nn.model import build_model  # noqa: E402
 from jtok.presets import preset  # noqa: E402
-from jtok.training.evaluate import autocast_context  # noqa: E402
-from jtok.training.loop import clip_grad_norm_  # noqa: E402
 from jtok.training.optim import Optimizers  # noqa: E402
 
 
@@ -56,17 +58,6 @@ def configurations() -> list[tuple[str, ModelConfig, int, int]]:
         out.append((f"d128 L4 n_e {n_e} K {top_k}", dataclasses.replace(eta_power, tokmod=tok),
                     16, 256))  # fmt: skip
     return out
-
-
-def train_step(model, optimizers: Optimizers, ids: torch.Tensor) -> float:
-    with autocast_context(ids.device, "auto"):
-        out = model(ids[:, :-1])
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-    (loss + out.aux_loss).backward()
-    clip_grad_norm_(list(model.parameters()), 1.0)
-    optimizers.step()
-    optimizers.zero_grad()
-    return loss.item()
 
 
 def measure(cfg: ModelConfig, batch: int, seq_len: int, reps: int, device: torch.device,
@@ -84,7 +75,7 @@ def measure(cfg: ModelConfig, batch: int, seq_len: int, reps: int, device: torch
         for name in order:
             sync_device(device)
             start = time.perf_counter()
-            train_step(*models[name], ids)
+            train_step(*models[name], ids, grad_clip=1.0)  # the trainer clips
             sync_device(device)
             if step >= warmup:
                 times[name].append(time.perf_counter() - start)

@@ -3,6 +3,8 @@ its router, only the (key, table) pairs some position routes to. It must train e
 the up-front gather of every key's n rows does, and its gradient must hold only the
 routed rows."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,10 +126,10 @@ def test_replicated_table_mean_over_three_processes_is_the_same_for_both_gathers
         grads = [_table_gradient(cfg, random_ids(cfg, batch=4, seq=24, seed=rank), routed)
                  for rank in range(3)]  # fmt: skip
         sent: list[list[torch.Tensor]] = [[], []]  # indices, then values, per process
+        calls = itertools.count()  # each process gathers its indices, then its values
 
-        def record(tensor, env, sent=sent, calls=[0]):  # noqa: B006 - the call counter
-            sent[calls[0] % 2].append(tensor)
-            calls[0] += 1
+        def record(tensor, env, sent=sent, calls=calls):
+            sent[next(calls) % 2].append(tensor)
             return tensor
 
         table = torch.nn.Parameter(torch.zeros_like(build_model(cfg).token_tables.weight))

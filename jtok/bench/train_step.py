@@ -43,6 +43,7 @@ from jtok.config import ModelConfig, TrainConfig
 from jtok.flops import summarize
 from jtok.nn.model import build_model
 from jtok.training.evaluate import autocast_context, lm_loss
+from jtok.training.loop import clip_grad_norm_
 from jtok.training.optim import Optimizers
 
 VARIANTS = ("baseline", "jtok", "jtokm")
@@ -124,13 +125,17 @@ def _mark(clock: PhaseClock | None, phase: str) -> None:
 
 
 def train_step(model, optimizers: Optimizers, batch_ids: torch.Tensor,
-               clock: PhaseClock | None = None) -> float:  # fmt: skip
+               clock: PhaseClock | None = None, grad_clip: float = 0.0) -> float:  # fmt: skip
+    """One training step; with `grad_clip` > 0 also the trainer's global clipping."""
     if clock is not None:
         clock.start()
     loss = _loss(model, batch_ids)
     _mark(clock, "forward")
     loss.backward()
     _mark(clock, "backward")
+    if grad_clip > 0:
+        clip_grad_norm_(list(model.parameters()), grad_clip)
+        _mark(clock, "clip")
     for opt in optimizers.optimizers:  # Optimizers.step, one phase per optimizer
         opt.step()
         _mark(clock, f"step {type(opt).__name__}")

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from jtok.config import ModelConfig, TokModConfig
 from jtok.nn.routing import balance_loss, route_topk
 from jtok.tables.keys import is_identity
+from jtok.tables.routed import RoutedRows
 from jtok.tables.store import OwnerMixedRows
 
 # Speed notes (issue 12). Decoding one token runs these layers on a handful of rows, where
@@ -287,14 +288,17 @@ class JTokM(nn.Module):
         if isinstance(rows_UnD, OwnerMixedRows):  # sharded store: Eq 12 done at the owners
             e_ND = rows_UnD.mix(weights_NK, index_NK)
         else:
-            # Eq 12 as one fused gather-and-weighted-sum: row inverse*n + i of the layer's
-            # (U*n, d) block is E_{l,i}[x]. embedding_bag never materialises the (N, K, d)
-            # gathered rows, and its backward is a single scatter-add. torch.embedding_bag
-            # is what F.embedding_bag calls, minus its argument checks and per-call offsets.
-            n_tables, width = rows_UnD.shape[1], rows_UnD.shape[-1]
-            bag_NK = inverse_N.unsqueeze(1) * n_tables + index_NK
+            if isinstance(rows_UnD, RoutedRows):  # device store, training: the routed rows
+                rows_MD, bag_NK = rows_UnD.gather(index_NK)
+            else:  # row inverse*n + i of the layer's (U*n, d) block is E_{l,i}[x]
+                rows_MD = rows_UnD.reshape(-1, rows_UnD.shape[-1])
+                bag_NK = inverse_N.unsqueeze(1) * rows_UnD.shape[1] + index_NK
+            # Eq 12 as one fused gather-and-weighted-sum: embedding_bag never materialises
+            # the (N, K, d) gathered rows, and its backward is a single scatter-add.
+            # torch.embedding_bag is what F.embedding_bag calls, minus its argument checks
+            # and per-call offsets.
             e_ND = torch.embedding_bag(
-                _fp32(rows_UnD.reshape(-1, width)), bag_NK.reshape(-1),
+                _fp32(rows_MD), bag_NK.reshape(-1),
                 _bag_offsets(bag_NK.shape[0], bag_NK.shape[1], bag_NK.device),
                 False, 0, False, weights_NK.reshape(-1), False, None,
             )[0]  # fmt: skip

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from jtok.tables.keys import RowKeys
-from jtok.tables.store import OwnerMixedRows
 
 
 class _RoutedGradients:
@@ -100,50 +99,46 @@ class _RoutedGather(torch.autograd.Function):
     def backward(ctx, grad_rows: Tensor):
         (row_index,) = ctx.saved_tensors
         ctx.collector.add(ctx.slot, row_index, grad_rows)
-        return torch.zeros((), dtype=grad_rows.dtype, device=grad_rows.device), None, None, \
-            None, None  # fmt: skip
+        sink_grad = torch.zeros((), dtype=grad_rows.dtype, device=grad_rows.device)
+        return sink_grad, None, None, None, None
 
 
 def routed_layers(store, keys: RowKeys) -> tuple[RoutedRows, ...]:
     """One `RoutedRows` per table-carrying layer of `store` (a `TokenTables`), sharing the
-    forward's gradient sink."""
+    forward's gradient sink and the addresses of every (layer, key, table) row."""
     collector = _RoutedGradients()
     sink = _GradientSink.apply(store.weight, collector) if store.weight.requires_grad else None
-    return tuple(RoutedRows(store, slot, keys, sink, collector)
+    row_index = store.row_index(keys.distinct_U)  # (L * U * n,): small next to the rows
+    return tuple(RoutedRows(store, slot, keys, row_index, sink, collector)
                  for slot in range(len(store.layers)))  # fmt: skip
 
 
-class RoutedRows(OwnerMixedRows):
+class RoutedRows:
     """One layer's JTok-M rows on the device store, read after the layer's router has run:
-    only the (key, table) pairs some position routes to, each once (see the module)."""
+    only the (key, table) pairs some position routes to, each once (see the module).
+    `JTokM` mixes them (Eq 12) as it mixes an up-front block."""
 
-    def __init__(self, store, slot: int, keys: RowKeys, sink: Tensor | None,
-                 collector: _RoutedGradients):  # fmt: skip
-        self.store, self.slot, self.keys = store, slot, keys
+    def __init__(self, store, slot: int, keys: RowKeys, row_index: Tensor,
+                 sink: Tensor | None, collector: _RoutedGradients):  # fmt: skip
+        self.store, self.slot, self.keys, self.row_index = store, slot, keys, row_index
         self.sink, self.collector = sink, collector
 
-    def mix(self, weights_NK: Tensor, index_NK: Tensor) -> Tensor:
-        store, keys = self.store, self.keys
-        n_tables, n_pairs = store.tables_per_layer, keys.count * store.tables_per_layer
-        # Pair p = u * n + i is table i's row for distinct key u. The routed pairs, each
-        # once and ascending, by marking (no sort: linear in U * n and N * K).
-        pair_M = (keys.inverse_N.unsqueeze(1) * n_tables + index_NK).reshape(-1)
-        used = torch.zeros(n_pairs, dtype=torch.bool, device=pair_M.device)
-        used[pair_M] = True
+    def gather(self, index_NK: Tensor) -> tuple[Tensor, Tensor]:
+        """(the routed rows (P, d), bag_NK): position p's k-th choice is row bag_NK[p, k]."""
+        keys = self.keys
+        n_pairs = keys.count * self.store.tables_per_layer
+        # Pair p = u * n + i is table i's row for distinct key u, the layer's block of
+        # `row_index`. The routed pairs, each once and ascending, by marking (no sort:
+        # linear in U * n and N * K).
+        pair_NK = keys.inverse_N.unsqueeze(1) * self.store.tables_per_layer + index_NK
+        used = torch.zeros(n_pairs, dtype=torch.bool, device=pair_NK.device)
+        used[pair_NK] = True
         routed_P = used.nonzero().squeeze(1)
-        slot_of = torch.empty(n_pairs, dtype=torch.int64, device=pair_M.device)
-        slot_of[routed_P] = torch.arange(routed_P.numel(), device=pair_M.device)
-        token_row_U = (keys.distinct_U + self.slot * store.vocab_size) * n_tables
-        row_index = token_row_U[routed_P // n_tables] + routed_P % n_tables
+        slot_of = torch.empty(n_pairs, dtype=torch.int64, device=pair_NK.device)
+        slot_of[routed_P] = torch.arange(routed_P.numel(), device=pair_NK.device)
+        rows = self.row_index[self.slot * n_pairs + routed_P]
+        weight = self.store.weight
         if self.sink is None:  # the tables are frozen: no gradient to collect
-            rows_PD = F.embedding(row_index, store.weight)
-        else:
-            rows_PD = _RoutedGather.apply(self.sink, store.weight.detach(), row_index,
-                                          self.collector, self.slot)  # fmt: skip
-        if rows_PD.dtype != torch.float32:
-            rows_PD = rows_PD.float()
-        top_k = index_NK.shape[1]
-        offsets = torch.arange(0, pair_M.numel(), top_k, device=pair_M.device)
-        # Eq 12 as in JTokM.forward: one fused gather-and-weighted-sum per layer.
-        return torch.embedding_bag(rows_PD, slot_of[pair_M], offsets, False, 0, False,
-                                   weights_NK.reshape(-1), False, None)[0]  # fmt: skip
+            return F.embedding(rows, weight), slot_of[pair_NK]
+        return (_RoutedGather.apply(self.sink, weight.detach(), rows, self.collector, self.slot),
+                slot_of[pair_NK])  # fmt: skip
