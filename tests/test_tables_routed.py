@@ -145,3 +145,25 @@ def test_replicated_table_mean_over_three_processes_is_the_same_for_both_gathers
         means[routed] = table.grad
     assert torch.equal(means[True].indices(), means[False].indices())
     assert torch.equal(means[True].values(), means[False].values())
+
+
+def test_compiled_training_gets_the_eager_table_gradient():
+    # The routed gather hands its gradients over by a side effect that a compiled backward
+    # drops: compiled, the tables used to get no gradient at all (and trained not at all).
+    # Under torch.compile the store takes the up-front gather. aot_eager traces forward and
+    # backward as inductor does, without its code generation.
+    cfg = tiny(tokmod__kind="jtokm", tokmod__n_e=8, tokmod__top_k=2)
+    ids = random_ids(cfg, batch=2, seq=16, seed=0)
+    grads = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = build_model(cfg, seed=1)
+        assert model.token_tables.routed_gather
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        out = forward(ids)
+        (out.logits.square().mean() + out.aux_loss).backward()
+        grads[compiled] = model.token_tables.weight.grad
+    assert grads[True] is not None
+    eager, traced = grads[False].coalesce().to_dense(), grads[True].coalesce().to_dense()
+    assert eager.abs().max() > 0
+    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-9)

@@ -15,7 +15,9 @@ values. One caveat: the gradient's squared norm is summed over fewer rows (the u
 gradient also holds the unrouted rows' zeros), which can move its last bit; that changes a
 step only when gradient clipping acts and the total norm's last bit moves with it (not seen
 in our tests). With deduplicated keys only: without dedup a row appears once per position,
-and the coalesce that sums those copies orders them by the whole gradient's layout.
+and the coalesce that sums those copies orders them by the whole gradient's layout. Eager
+only: under torch.compile the store takes the up-front gather (the hand-over of gradients
+below is a side effect the compiled backward would drop; tested).
 
 One gradient per forward. Each layer's gather is its own autograd node, so with the table
 Parameter as their input autograd would add one sparse gradient per layer into
@@ -106,6 +108,9 @@ class _RoutedGather(torch.autograd.Function):
 def routed_layers(store, keys: RowKeys) -> tuple[RoutedRows, ...]:
     """One `RoutedRows` per table-carrying layer of `store` (a `TokenTables`), sharing the
     forward's gradient sink and the addresses of every (layer, key, table) row."""
+    if torch.compiler.is_compiling():  # `TokenTables.rows` takes the up-front gather there
+        raise RuntimeError("the routed gather cannot run under torch.compile: its gradients "
+                           "are collected by a side effect the compiled backward drops")
     collector = _RoutedGradients()
     sink = _GradientSink.apply(store.weight, collector) if store.weight.requires_grad else None
     row_index = store.row_index(keys.distinct_U)  # (L * U * n,): small next to the rows

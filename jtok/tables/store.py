@@ -159,7 +159,11 @@ class TokenTables(_TableLayout, nn.Module):
         # A sparse gradient only where one is taken: inductor lowers the plain gather into its
         # own loops (fused with the layers that read it), the sparse one stays a library call.
         sparse = self.sparse_grad and torch.is_grad_enabled()
-        if sparse and self.routed_gather:
+        # Not under torch.compile: the routed rows' gradients reach the Parameter through a
+        # collector their backward writes to (a Python side effect), which the compiler
+        # runs once while tracing and never again, so compiled tables got no gradient at
+        # all. The up-front gather compiles, and trains to the same values.
+        if sparse and self.routed_gather and not torch.compiler.is_compiling():
             from jtok.tables.routed import routed_layers
 
             return TokenRows(routed_layers(self, keys), keys.inverse_N)
