@@ -114,6 +114,37 @@ def test_refuses_a_non_empty_run_directory_unless_told(tiny_data, tmp_path, caps
     assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
 
 
+def test_overwrite_refuses_run_file_names_in_a_directory_that_holds_no_run(tiny_data, tmp_path,
+                                                                          capsys):  # fmt: skip
+    argv = ["train", "--preset", "tiny", "--data", str(tiny_data), "--set", "seq_len=32",
+            "--set", "steps=2", "--set", "batch_size=4", "--no-progress", "--overwrite"]
+    # A user's metrics.jsonl, or a user's file under checkpoints/, where no run was started
+    # (no run.json): --overwrite would replace or delete them.
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "metrics.jsonl").write_text('{"mine": 1}\n')
+    nested = tmp_path / "nested"
+    (nested / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (nested / "checkpoints" / "step_00000001" / "readme.txt").write_text("mine")
+    for out, needle in ((lone, "'metrics.jsonl' but no run.json"),
+                        (nested, "'checkpoints' but no run.json")):  # fmt: skip
+        assert main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert (lone / "metrics.jsonl").read_text() == '{"mine": 1}\n'
+    assert (nested / "checkpoints" / "step_00000001" / "readme.txt").read_text() == "mine"
+    assert not (lone / "run.json").exists() and not (nested / "run.json").exists()
+    # A real run whose checkpoints/ holds a user's file: refused too, the file kept.
+    run = tmp_path / "run"
+    assert main([*argv, "--out", str(run)]) == 0
+    (run / "checkpoints" / "notes.txt").write_text("mine")
+    assert main([*argv, "--out", str(run)]) == 2
+    assert "checkpoints/notes.txt is not a jtok checkpoint" in capsys.readouterr().err
+    assert (run / "checkpoints" / "notes.txt").read_text() == "mine"
+    (run / "checkpoints" / "notes.txt").unlink()
+    assert main([*argv, "--out", str(run)]) == 0  # a run's own outputs are replaced
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_data, tmp_path,
                                                                      monkeypatch):  # fmt: skip
     import jtok.training.loop as train_module

@@ -34,6 +34,7 @@ from jtok.io import read_json, read_jsonl, rewrite_jsonl, write_json_atomic
 from jtok.parallel.resources import check_memory
 from jtok.run import checkpoint as ckpt
 from jtok.run.files import (
+    CHECKPOINT_DIR,
     CONFIG_FILE,
     LOCK_FILE,
     METRICS_FILE,
@@ -130,6 +131,23 @@ def _outputs_present(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
 
 
+def _refuse_overwrite_of_a_non_run(run_dir: Path, present: list[str]) -> None:
+    """--overwrite deletes a run's own outputs (other files stay). Files of those names in a
+    directory that holds no run (no run.json, the first file every start writes), or
+    anything but checkpoint folders under checkpoints/, are someone else's: refuse."""
+    ours = [name for name in present if name in RUN_OUTPUTS]
+    if ours and RUN_INFO_FILE not in present:
+        raise RunDirError(f"--out {run_dir} holds {ours[0]!r} but no {RUN_INFO_FILE}, so it is "
+                          "not a jtok run; --overwrite replaces only an earlier run's outputs")
+    root = run_dir / CHECKPOINT_DIR
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            if not (entry.is_dir() and entry.name.startswith(("step_",
+                                                              *ckpt.TEMPORARY_PREFIXES))):
+                raise RunDirError(f"--out {run_dir}: {CHECKPOINT_DIR}/{entry.name} is not a "
+                                  "jtok checkpoint; --overwrite would delete it")  # fmt: skip
+
+
 def check_out_dir(run_dir: Path) -> None:
     """Refuse an output path that is a file, or whose nearest existing parent is not a
     writable directory, before anything is created."""
@@ -214,6 +232,7 @@ def plan_start(run_dir: Path | str, run_cfg: RunConfig, *, resume: bool = False,
             raise RunDirError(f"run directory {run_dir} is not empty; use --resume to continue "
                               "it or --overwrite to start over (its checkpoints and metrics "
                               "will be deleted)")  # fmt: skip
+        _refuse_overwrite_of_a_non_run(run_dir, present)
         manifest = _check_data(run_cfg.train.data, run_cfg)
         if is_retrofit(run_cfg):  # step 0 loads its weights
             from jtok.hf.retrofit_run import check_hf_dir
@@ -264,7 +283,8 @@ def apply_start(plan: StartPlan, log=None) -> None:
     run_dir = plan.run_dir
     numerics = numerics_environment(plan.config.train.device)  # before anything is removed
     if plan.overwrite:
-        for name in RUN_OUTPUTS:
+        # run.json last: an overwrite cut short still leaves a directory marked as a run.
+        for name in sorted(RUN_OUTPUTS, key=lambda name: name == RUN_INFO_FILE):
             target = run_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
