@@ -34,6 +34,7 @@ from jtok.studies.fit import (
     paper_frontier_check,
     profile_names,
     run_fit,
+    size_axes,
 )
 
 
@@ -215,6 +216,27 @@ def test_profiles_split_on_other_sweep_axes_instead_of_pooling_them():
     assert all(m["n_points"] == 4 for m in section["minima"])  # nothing pooled
     gaps = {v: c["loss_gap"][1] for v, c in section["comparisons"].items()}
     assert gaps["jtokm[tables=n16]"] > gaps["jtokm[tables=n8]"]
+
+
+def test_a_size_axis_under_another_name_is_fitted_as_the_backbone_axis():
+    # A spec may call its size axis anything (here "size"); the sweep then records d and L
+    # as the backbone. The profiles must run along it, not split into one per size.
+    runs = isoflop_runs(sizes=4)
+    for run in runs:
+        run["labels"] = {"variant": run["variant"], "backbone": run["backbone"], "tables": "n8"}
+    renamed = [dict(r, labels={"variant": r["variant"], "size": r["backbone"], "tables": "n8"})
+               for r in runs]  # fmt: skip
+    assert size_axes(renamed) == {"size"} and size_axes(runs) == set()
+    assert set(profile_names(renamed)) == {"baseline", "jtokm"}
+    named, _ = isoflop_analysis(runs, "baseline", bootstrap=0)
+    other, _ = isoflop_analysis(renamed, "baseline", bootstrap=0)
+    assert other["minima"] == named["minima"]
+    # A table axis does not change the backbone: it still names profiles.
+    extra = [dict(r, labels=dict(r["labels"], tables="n16")) for r in renamed
+             if r["variant"] == "jtokm"]  # fmt: skip
+    assert size_axes(renamed + extra) == {"size"}
+    assert set(profile_names(renamed + extra)) == {"baseline", "jtokm[tables=n8]",
+                                                   "jtokm[tables=n16]"}  # fmt: skip
 
 
 def test_no_interval_is_claimed_from_profiles_the_quadratic_fits_exactly():

@@ -48,7 +48,7 @@ from jtok.studies.fit.frontier import (
     loss_gap,
     paper_frontier_check,
 )
-from jtok.studies.fit.isoflops import isoflop_analysis, profile_names
+from jtok.studies.fit.isoflops import isoflop_analysis, profile_names, size_axes
 from jtok.studies.fit.parametric import (
     HUBER_DELTA,
     ParametricFit,
@@ -97,6 +97,6 @@ __all__ = [
     "format_report", "format_summary", "implied_saving", "isoflop_analysis",
     "isoflop_minimum", "load_results", "loss_gap", "paired_gains", "paired_summary",
     "paper_claims", "paper_frontier_check", "parametric_analysis", "power_analysis",
-    "power_line", "profile_names", "residual_correlation", "run_fit", "seed_spread",
+    "power_line", "profile_names", "residual_correlation", "run_fit", "seed_spread", "size_axes",
     "t_interval", "write_plots",
 ]  # fmt: skip

@@ -47,6 +47,7 @@ __all__ = [
     "PAPER_BUDGETS", "PAPER_FRONTIERS", "PAPER_LOSS_GAP", "IsoMinimum", "compare_frontiers",
     "comparison_points", "compute_saving", "fit_frontier", "fit_window", "implied_saving",
     "isoflop_analysis", "isoflop_minimum", "loss_gap", "paper_frontier_check", "profile_names",
+    "size_axes",
 ]  # fmt: skip
 
 # Sweep axes that do not define an isoFLOP profile: the size axis it runs along, and seeds
@@ -54,13 +55,36 @@ __all__ = [
 _PROFILE_AXES_IGNORED = {"variant", "backbone", "seed"}
 
 
+def size_axes(runs: list[dict]) -> set[str]:
+    """Axes other than ``backbone`` that change the backbone's shape: two runs of one variant
+    and budget that differ in that axis alone have different ``backbone`` records (the sweep
+    records d and L where no axis is named backbone). The profile runs along them too, so a
+    spec whose size axis has another name (``size: {d32: ..., d48: ...}``) is fitted as one
+    named ``backbone`` is, instead of as one profile per size."""
+    found = set()
+    axes = {a for run in runs for a in run.get("labels", {})} - _PROFILE_AXES_IGNORED
+    for axis in axes:
+        shapes: dict[tuple, set] = defaultdict(set)
+        for run in runs:
+            labels = run.get("labels", {})
+            if axis not in labels:
+                continue
+            rest = tuple(sorted((a, v) for a, v in labels.items() if a != axis))
+            shapes[(run["variant"], run["budget"], rest)].add((labels[axis], run["backbone"]))
+        if any(len({b for _, b in pairs}) > 1 for pairs in shapes.values()):
+            found.add(axis)
+    return found
+
+
 def profile_names(runs: list[dict]) -> list[str]:
     """Each run's isoFLOP profile name: its variant, plus any other sweep axis on which that
-    variant's runs differ (``jtokm[tables=n16]``), so that no quadratic pools settings."""
+    variant's runs differ (``jtokm[tables=n16]``), so that no quadratic pools settings. The
+    size axis (``backbone``, or see `size_axes`) and seeds do not name profiles."""
+    ignored = _PROFILE_AXES_IGNORED | size_axes(runs)
     values: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
     for run in runs:
         for axis, value in run.get("labels", {}).items():
-            if axis not in _PROFILE_AXES_IGNORED:
+            if axis not in ignored:
                 values[run["variant"]][axis].add(value)
     names = []
     for run in runs:
