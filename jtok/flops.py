@@ -202,8 +202,8 @@ def estimate_memory(
 
 def table_memory(cfg: ModelConfig, training: bool = True) -> MemoryEstimate:
     """Bytes of the tables alone: fp32 rows and, when training, RowAdam's two moments and
-    per-row step (what the host store keeps in host memory; gradients are the batch's
-    rows only and are counted with the activations' side)."""
+    per-row step (what the host store keeps in host memory; the gradients of the batch's
+    rows live where the rows are mixed, `memory_plan`'s "table row grads")."""
     tables = count_params(cfg).token_params
     rows = tables // cfg.d_model
     optimizer = 8 * tables + 8 * rows if training else 0
@@ -225,10 +225,17 @@ def memory_plan(cfg: ModelConfig, training: bool = True, world_size: int = 1,
                                include_tables=False)  # fmt: skip
     tables = table_memory(cfg, training)
     shards = world_size if parallel == "fsdp" and world_size > 1 else 1
+    # `backbone.grads` also holds the tables' gradients: with sparse gradients those of the
+    # batch's rows (on the compute device whatever the placement, where the rows are mixed,
+    # and never sharded by FSDP), otherwise the whole tables'. One fp32 gradient per dense
+    # parameter is the rest.
     device = {"backbone params": backbone.params // shards,
-              "backbone grads": backbone.grads // shards,
+              "backbone grads": (backbone.params if training else 0) // shards,
               "backbone optimizer": backbone.optimizer // shards,
               "activations": backbone.activations}  # fmt: skip
+    table_grads = backbone.grads - backbone.params if training else 0
+    if table_grads > 0:
+        device["table row grads" if cfg.tokmod.sparse_grad else "table grads"] = table_grads
     if shards > 1:
         counts = count_params(cfg)
         per_block = (counts.backbone - counts.embedding - counts.head) // max(1, cfg.n_layers)

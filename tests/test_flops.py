@@ -188,6 +188,32 @@ def test_memory_plan_shards_the_backbone_under_fsdp_and_moves_tables_to_the_host
     assert host["device_total"] == fsdp["device_total"] - table_memory(cfg).total
 
 
+def test_memory_plan_counts_table_row_gradients_apart_and_shards_only_the_backbone():
+    from jtok.flops import count_params, memory_plan, table_memory
+
+    cfg = preset("small").with_overrides({"tokmod.kind": "jtokm", "tokmod.sparse_grad": "true"})
+    dense = 4 * count_params(cfg).backbone
+    plans = {(parallel, placement): memory_plan(cfg, world_size=4, parallel=parallel,
+                                                table_placement=placement, batch=2, seq_len=64)
+             for parallel in ("ddp", "fsdp") for placement in ("device", "sharded", "host")}
+    rows = 2 * 64 * cfg.tokmod.tables_per_layer * cfg.n_layers  # rows a batch can touch
+    for (parallel, placement), plan in plans.items():
+        device = plan["device"]
+        assert device["backbone grads"] == dense // (4 if parallel == "fsdp" else 1)
+        # The batch's rows' gradients: on the compute device for every placement, unsharded.
+        assert device["table row grads"] == 4 * rows * cfg.d_model + 8 * rows
+        if placement == "sharded":
+            assert device["table rows"] == table_memory(cfg).params // 4
+    # Serving: sharded tables put 1/W of the rows on each process's accelerator.
+    from jtok.cli.model import _serving_memory
+
+    tables = table_memory(cfg, training=False).params
+    assert _serving_memory(cfg, "sharded", 4)["accelerator_bytes"] == dense + tables // 4
+    assert _serving_memory(cfg, "device", 4)["accelerator_bytes"] == dense + tables
+    assert _serving_memory(cfg, "host", 4) == {"table_placement": "host",
+                                               "accelerator_bytes": dense, "host_bytes": tables}
+
+
 def test_info_prints_the_per_process_plan_and_train_refuses_naming_the_largest_item(
         capsys, monkeypatch):  # fmt: skip
     import json

@@ -32,7 +32,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.seq_len is not None and args.seq_len <= 0:
         raise UsageError(f"--seq-len must be positive, got {args.seq_len}")
     summary = summarize(cfg, args.seq_len)
-    summary["memory"] = _serving_memory(cfg, args.table_placement)
+    summary["memory"] = _serving_memory(cfg, args.table_placement, args.world_size)
     if args.world_size > 1 or args.parallel == "fsdp" or args.batch:
         from jtok.flops import memory_plan
 
@@ -69,7 +69,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("rho = K / n_e", f"{summary['rho']:.3f}"),
         (f"train FLOPs/token (T={summary['seq_len']})", _human(summary["train_flops_per_token"])),
         ("inference FLOPs/token", _human(summary["inference_flops_per_token"])),
-        (f"weights, tables on {args.table_placement}",
+        (f"weights, tables on {args.table_placement}"
+         + (f" (per process of {args.world_size})" if args.table_placement == "sharded" else ""),
          f"accelerator {format_bytes(summary['memory']['accelerator_bytes'])}, host "
          f"{format_bytes(summary['memory']['host_bytes'])} (fp32)"),
     ]
@@ -89,13 +90,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serving_memory(cfg, table_placement: str) -> dict:
-    """fp32 bytes of the weights on the accelerator and in host memory, for inference."""
+def _serving_memory(cfg, table_placement: str, world_size: int = 1) -> dict:
+    """fp32 bytes of the weights on one process's accelerator and in its host memory, for
+    inference (sharded tables: 1/W of the rows each)."""
     from jtok.flops import estimate_memory, table_memory
 
     on_host = table_placement == "host" and cfg.tokmod.enabled
-    device = estimate_memory(cfg, training=False, include_tables=not on_host).params
-    host = table_memory(cfg, training=False).params if on_host else 0
+    device = estimate_memory(cfg, training=False, include_tables=False).params
+    tables = table_memory(cfg, training=False).params
+    host = tables if on_host else 0
+    if not on_host:
+        device += tables // (world_size if table_placement == "sharded" else 1)
     return {"table_placement": table_placement, "accelerator_bytes": device, "host_bytes": host}
 
 
