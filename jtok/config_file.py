@@ -8,12 +8,40 @@ from typing import Any
 from jtok.config import ConfigError
 
 
+def _unique_key_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the
+    last and drops the first without a word (a sweep axis value renamed onto another's name
+    would silently train the wrong model under its name)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # "<<" merges may override
+                        continue
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        duplicate = key in seen
+                        seen.add(key)
+                    except TypeError:  # unhashable: the base class reports it
+                        continue
+                    if duplicate:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark,
+                            f"found duplicate key {key!r}", key_node.start_mark)  # fmt: skip
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_mapping(path, what: str = "config") -> dict[str, Any]:
     """A YAML or JSON file (YAML reads both) that must hold a mapping.
 
     Every failure is a one-line ConfigError naming the file: missing, a folder, binary or
     not UTF-8, empty, a syntax error (``config my.yaml:3:7: mapping values are not
-    allowed here``) or content that is not a mapping."""
+    allowed here``), a key given twice in one mapping, or content that is not a mapping."""
     import yaml
 
     try:
@@ -29,7 +57,7 @@ def load_mapping(path, what: str = "config") -> dict[str, Any]:
         raise ConfigError(f"{what} {path}: byte offset {err.start} (0x{byte:02x}) is not "
                           "valid UTF-8") from None  # fmt: skip
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

@@ -131,6 +131,12 @@ def test_yaml_errors_are_one_line_with_file_line_and_column(tmp_path):
     assert str(err.value) == f"config {path}:3:15: mapping values are not allowed here"
     path.write_bytes(b"\xef\xbb\xbfd_model: 64\n")  # a UTF-8 byte-order mark is fine
     assert load_mapping(path) == {"d_model": 64}
+    # A key given twice: YAML would keep the second silently.
+    path.write_text("axes:\n  backbone:\n    d64: {d_model: 64}\n    d64: {d_model: 96}\n")
+    with pytest.raises(ConfigError, match=r"my\.yaml:4:5: found duplicate key 'd64'"):
+        load_mapping(path)
+    path.write_text("base: &b {lr: 1}\nrun: {<<: *b, lr: 2}\n")  # a merge may be overridden
+    assert load_mapping(path) == {"base": {"lr": 1}, "run": {"lr": 2}}
 
 
 def test_unknown_keys_suggest_close_matches_and_list_their_section():

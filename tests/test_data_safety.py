@@ -474,7 +474,7 @@ def test_corpus_selection_split_and_writing_on_a_fake_tree(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
-def test_build_docs_en_unpacks_debs_then_does_nothing_when_built(tmp_path):
+def test_build_docs_en_unpacks_debs_then_does_nothing_when_built(tmp_path, monkeypatch):
     expected = fake_tree(tmp_path / "pkg")
     (tmp_path / "pkg" / "DEBIAN").mkdir()
     (tmp_path / "pkg" / "DEBIAN" / "control").write_text(
@@ -488,7 +488,8 @@ def test_build_docs_en_unpacks_debs_then_does_nothing_when_built(tmp_path):
         return [Path(shutil.copy(deb, workdir))]
 
     messages = []
-    manifest = bench.build_docs_en(tmp_path / "out", messages.append, fetch=fetch)
+    monkeypatch.chdir(tmp_path)  # a relative --out (dpkg-deb runs in the scratch folder)
+    manifest = bench.build_docs_en("out", messages.append, fetch=fetch)
     target = tmp_path / "out" / "docs-en"
     assert manifest["debs"] == [deb.name] and manifest["splits"]["val"]["documents"] == 1
     assert (target / "val.txt").read_text() == expected[val_name(f"{PYTHON}/faq", ".txt")] + "\n"

@@ -88,7 +88,7 @@ def register(sub) -> None:
         description="Build a named benchmark corpus. docs-en: the reStructuredText prose of "
         "the Debian packages linux-doc-6.1 and python3.11-doc (fetched with apt-get download, "
         "unpacked with dpkg-deb, about 35 MB), split into DIR/docs-en/{train,val}.txt by a "
-        "hash of each file's path (about 2%% val), with a manifest.json. Does nothing if "
+        "hash of each file's path (about 2% val), with a manifest.json. Does nothing if "
         "the corpus is already built.",
     )
     corpus.add_argument("name", choices=["docs-en"], help="the corpus to build")

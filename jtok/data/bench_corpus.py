@@ -155,7 +155,8 @@ def build_docs_en(out: str | os.PathLike, log: Callable[[str], Any] = print, *,
     Returns None, after saying so, when the corpus is already there. `fetch(workdir)`
     (default: `fetch_packages`) puts the .deb files into `workdir` and returns them.
     """
-    out = Path(out)
+    # Absolute: dpkg-deb runs in the scratch folder, where a relative path would not resolve.
+    out = Path(out).absolute()
     target = out / DOCS_EN
     if (target / CORPUS_MANIFEST).is_file():
         log(f"{DOCS_EN} is already built in {target}; nothing to do")
