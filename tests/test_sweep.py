@@ -133,6 +133,20 @@ def test_sweep_cli_dry_run_and_errors(tiny_data, tmp_path, capsys):
     assert main(["sweep", str(path), "--out", str(tmp_path / "s"), "--shard", "3/2"]) == 2
 
 
+def test_dry_run_warns_of_runs_whose_one_step_overruns_the_flop_budget(tiny_data, tmp_path,
+                                                                        capsys):  # fmt: skip
+    spec = spec_dict(tiny_data)
+    spec["budget"] = {"flops": [1e12]}
+    path = write_spec(tmp_path, spec)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "s"), "--dry-run"]) == 0
+    assert "warning" not in capsys.readouterr().out
+    spec["budget"] = {"flops": [1e5]}  # far below one step: each run still trains one
+    path = write_spec(tmp_path, spec)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "s"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "warning:" in out and "over 1.5x their FLOP budget" in out
+
+
 def test_exclude_drops_the_matching_grid_points_only(tiny_data):
     spec = spec_dict(tiny_data)
     full = {r.name for r in plan(spec)}

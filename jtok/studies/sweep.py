@@ -465,6 +465,8 @@ def run_sweep(
             resume = latest_checkpoint(run_dir) is not None
             log(f"[{i + 1}/{len(mine)}] {run.name}: {run.config.train.steps} steps, "
                 f"{run.tokens:.3g} tokens, {run.flops:.3g} FLOPs"
+                + (f" ({run.flops / run.budget:.3g}x its budget)" if run.budget_kind == "flops"
+                   and run.flops > 1.5 * run.budget else "")
                 + (" (resuming)" if resume else ""))  # fmt: skip
             train(run.config, run_dir, resume=resume, overwrite=not resume,
                   progress=progress, log=log)  # fmt: skip
@@ -483,4 +485,12 @@ def describe(runs: list[PlannedRun]) -> str:
     total = sum(r.flops for r in runs)
     lines.append(f"{len(runs)} runs, {total:.3g} training FLOPs in all"
                  + (f" (~{math.log10(total):.1f} in log10)" if total > 0 else ""))  # fmt: skip
+    # A budget below one optimizer step still trains one step: say so, since `jtok fit`
+    # groups such runs under a budget they overran.
+    over = [r for r in runs if r.budget_kind == "flops" and r.flops > 1.5 * r.budget]
+    if over:
+        worst = max(over, key=lambda r: r.flops / r.budget)
+        lines.append(f"warning: {len(over)} run(s) train over 1.5x their FLOP budget, as one "
+                     f"step costs more (worst {worst.name}: {worst.flops / worst.budget:.3g}x); "
+                     "raise the budget or shrink the batch")  # fmt: skip
     return "\n".join(lines)
