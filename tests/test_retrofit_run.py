@@ -306,3 +306,14 @@ def test_lm_eval_tasks_on_a_retrofitted_run(trained_run, tmp_path, capsys):
     assert code == 0, err
     row = json.loads(out)["tasks"][TASK]
     assert row["n"] == len(ITEMS) and 0 <= row["acc"] <= 1
+
+
+def test_a_resume_that_changes_the_retrofit_options_is_refused_without_circular_advice(
+        trained_run, capsys):  # fmt: skip
+    # The options are fixed for the run: no "--allow-change retrofit.options.n_e" hint (that
+    # key is no --allow-change key at all).
+    code, _, err = _cli(["train", "--out", trained_run, "--resume", "--no-progress",
+                         "--set", "tokmod.n_e=8"], capsys)  # fmt: skip
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "retrofit.options.n_e" in err and "fixed for its run" in err, err
+    assert "--allow-change" not in err

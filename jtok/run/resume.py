@@ -101,6 +101,9 @@ def classify_changes(saved: RunConfig, wanted: RunConfig, resume_step: int,
                     "the jump"
                 )
             changes.append(Change(key, old, new, "steps"))
+        elif key.startswith("retrofit."):  # the HF model and its tables: fixed for the run
+            raise ResumeError(f"--resume cannot change {key} ({old!r} -> {new!r}): a retrofit's "
+                              "model and options are fixed for its run; start a new run")
         else:
             hint = ("another data directory (fingerprint differs)" if key == "train.data"
                     else f"{old!r} -> {new!r}")  # fmt: skip
