@@ -21,7 +21,9 @@ law needs three eta values within one variant), so this script fits the law itse
   alone): the law "holds" if the slope's interval excludes zero and the test does not
   reject the line (p > 0.05). With about 7 error degrees of freedom that is an absence of
   evidence against the line, not proof of it; the report says so.
-Writes summary.json beside results.jsonl and prints the figures.
+Writes summary.json and within_seed.png (each run's loss minus its seed's mean, against log2
+eta, with the within-seed line and the paper's slope) beside results.jsonl, and prints the
+figures.
 
     python3 results/eta-power/summary.py
 """
@@ -149,6 +151,44 @@ def main() -> None:
               f"{within['n']} runs); lack of fit: {lof_text}; target met: "
               f"{within['target_met']}; law holds: {within['law_holds']}")  # fmt: skip
     (HERE / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+    if within is not None:
+        plot_within_seed(points, within)
+
+
+def plot_within_seed(points: list[tuple[str, int, float, float]], within: dict) -> None:
+    """Each run's loss minus its seed's mean against log2 eta: the data the slope is fitted
+    on, with the fitted line and a line of the paper's slope through the same centre."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_seed: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for _, seed, eta, loss in points:
+        by_seed[seed].append((math.log2(eta), loss))
+    xs, ys = [], []
+    for rows in by_seed.values():  # centre x and y within a seed, as the fit does
+        mx = sum(x for x, _ in rows) / len(rows)
+        my = sum(y for _, y in rows) / len(rows)
+        xs += [x - mx for x, _ in rows]
+        ys += [y - my for _, y in rows]
+    x_abs = [math.log2(e) for _, _, e, _ in points]
+    shift = sum(x_abs) / len(x_abs)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([x + shift for x in xs], ys, s=18, alpha=0.7, label="runs (seed mean removed)")
+    grid = np.linspace(min(x_abs), max(x_abs), 20)
+    ci = within["ci95"]
+    ax.plot(grid, within["slope"] * (grid - shift), color="C1",
+            label=f"fit {within['slope']:+.4f}/doubling [{ci[0]:+.4f}, {ci[1]:+.4f}]")
+    ax.plot(grid, PAPER_SLOPE * (grid - shift), color="C2", linestyle="--",
+            label=f"paper {PAPER_SLOPE:+.4f}/doubling")
+    ax.set_xlabel("log2 eta (N_n / N_c)")
+    ax.set_ylabel("final val loss minus the seed's mean (nats)")
+    ax.set_title(f"eta-power: JTok-M d128-L4, {within['n']} runs, {within['seeds']} seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(HERE / "within_seed.png", dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
