@@ -151,6 +151,37 @@ def test_train_mode_times_host_tables_as_the_trainer_steps_them(capsys):
     assert variants["jtokm/host"]["ratio_to_baseline"] > 0
 
 
+def test_train_mode_compile_runs_every_configuration_through_torch_compile(capsys,
+                                                                         monkeypatch):  # fmt: skip
+    # The plumbing, not inductor (too slow for a test): torch.compile with the eager
+    # backend, recording what it was given; the steps must call what it returned.
+    compiled, calls = [], []
+    real_compile = torch.compile
+
+    def recording_compile(model, **kwargs):
+        compiled.append(type(model).__name__)
+        inner = real_compile(model, backend="eager")
+
+        def forward(*args, **kw):
+            calls.append(len(compiled))
+            return inner(*args, **kw)
+
+        return forward
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    argv = ["bench", "--preset", "tiny", "--batch", "2", "--seq-len", "8", "--steps", "1",
+            "--reps", "2", "--warmup", "1", "--variants", "jtokm", "--placements",
+            "device,host", "--device", "cpu", "--compile", "--json"]  # fmt: skip
+    code, out, _ = run(argv, capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert result["compile"] is True and len(compiled) == 3  # baseline, jtokm, jtokm/host
+    assert len(calls) == 3 * (1 + 2)  # warm-up and timed steps, all through the compiled
+    assert all(v["ratio_to_baseline"] > 0 for v in result["variants"].values())
+    code, out, _ = run([a for a in argv if a != "--compile"], capsys)
+    assert json.loads(out)["compile"] is False and len(compiled) == 3
+
+
 def test_host_table_steps_train_like_device_steps():
     """The benchmark's host stepping (prefetch ahead, pull, locked RowAdam step) gives the
     device store's losses: the prefetch never reads a row before the step that updates it."""

@@ -28,6 +28,7 @@ from jtok.data import (
     read_default_corpus,
     token_dtype,
 )
+from jtok.data.build import MIN_CUT_VAL_CHARS
 from jtok.data.corpus import DEFAULT_CORPUS_NAME
 
 PARAGRAPHS = [
@@ -211,10 +212,32 @@ def test_the_split_is_a_function_of_seed_and_both_splits_are_never_empty(tmp_pat
     for manifest in (first, other):
         assert 5 <= manifest["splits"]["val"]["documents"] <= 40  # ~20 expected
 
+    # No document draws val at fraction 0, and the last is short: it is held out whole.
     few = write_jsonl(tmp_path / "few.jsonl", rows[:3])
     manifest = run_prepare([few], tmp_path / "d", val_fraction=0.0)
     assert manifest["splits"]["train"]["documents"] == 2
     assert decoded_documents(tmp_path / "d", "val") == [rows[2]["text"]]
+
+
+def test_a_long_last_document_is_cut_so_val_stays_near_the_asked_fraction(tmp_path):
+    # Two documents, the second 1,000x the first: holding the second out whole would put
+    # 99.9% of the text in val. No document draws val here (only document 1 could, at 3%).
+    short = "A short opening note."
+    long = " ".join(PARAGRAPHS[i % 3] for i in range(1000))
+    path = write_jsonl(tmp_path / "two.jsonl", [{"text": short}, {"text": long}])
+    manifest = run_prepare([path], tmp_path / "out", val_fraction=0.03, seed=0)
+    share = round((len(short) + len(long)) * 0.03)
+    assert share > MIN_CUT_VAL_CHARS
+    (val,) = decoded_documents(tmp_path / "out", "val")
+    cut = len(long) - share
+    cut = max(long.rfind(" ", 0, cut), long.rfind("\n", 0, cut)) + 1  # back to a word start
+    assert val == long[cut:] and share <= len(val) < share + 20
+    assert decoded_documents(tmp_path / "out", "train") == [short, long[:cut]]
+    assert manifest["splits"]["val"]["documents"] == 1
+    # A last document no longer than twice the asked share goes to val whole.
+    path = write_jsonl(tmp_path / "even.jsonl", [{"text": long}, {"text": short}])
+    run_prepare([path], tmp_path / "whole", val_fraction=0.03, seed=0)
+    assert decoded_documents(tmp_path / "whole", "val") == [short]
 
 
 def test_undecodable_bytes_are_replaced_and_counted_exactly(tmp_path, monkeypatch):

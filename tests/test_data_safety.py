@@ -2,6 +2,7 @@
 and the docs-en benchmark corpus. User mistakes end in one line and exit 2; protected
 files keep their sha256."""
 
+import codecs
 import gzip
 import hashlib
 import json
@@ -237,6 +238,27 @@ def test_latin1_text_with_its_encoding_and_strict_utf8_naming_the_offset(tmp_pat
                                       "klingon"), r"unknown encoding 'klingon'")  # fmt: skip
 
 
+def test_a_utf8_byte_order_mark_is_dropped_not_tokenized(tmp_path):
+    text = "The opening words of a file.\n\n" * 30
+    (tmp_path / "bom.txt").write_bytes(codecs.BOM_UTF8 + text.encode())
+    rows = b'{"text": "first row"}\n{"text": "second row"}\n' * 5
+    (tmp_path / "bom.jsonl").write_bytes(codecs.BOM_UTF8 + rows)
+    for name, first in (("bom.txt", "The opening words"), ("bom.jsonl", "first row")):
+        out = tmp_path / f"out-{name}"
+        run_prepare([tmp_path / name], out, val_fraction=0.2)
+        tokenizer = load_tokenizer(out)
+        train = tokenizer.decode(open_split(out, "train").tolist())  # document 0 trains
+        val = tokenizer.decode(open_split(out, "val").tolist())
+        assert train.startswith(first) and "\ufeff" not in train + val
+    # Offsets in errors still count the file's bytes, the mark included.
+    (tmp_path / "bad.txt").write_bytes(codecs.BOM_UTF8 + b"ab\xe9")
+    with pytest.raises(DataError, match=r"bad\.txt: byte offset 5 \(0xe9\)"):
+        run_prepare([tmp_path / "bad.txt"], tmp_path / "never")
+    (tmp_path / "bad.jsonl").write_bytes(codecs.BOM_UTF8 + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: byte offset 16 \(0xe9\)"):
+        run_prepare([tmp_path / "bad.jsonl"], tmp_path / "never")
+
+
 def test_strict_jsonl_names_the_line_and_offset(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
@@ -310,6 +332,17 @@ def test_val_and_val_fraction_together_or_a_shared_file_are_refused(tmp_path, ca
     with pytest.raises(DataError, match="not both"):
         run_prepare([text_file], tmp_path / "o", val=[str(text_file)], val_fraction=0.01)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_vocab_size_with_a_given_tokenizer_is_refused_not_ignored(tmp_path, capsys, text_file,
+                                                                    prepared):  # fmt: skip
+    tokenizer = prepared / "tokenizer.json"
+    assert_one_line_error(prepare_cli(capsys, text_file, "--out", tmp_path / "o", "--tokenizer",
+                                      tokenizer), r"--vocab-size .* with --tokenizer")
+    assert not (tmp_path / "o").exists()
+    code, _, _ = cli(capsys, "data", "prepare", "--no-progress", text_file, "--out",
+                     tmp_path / "o", "--tokenizer", tokenizer, "--val-fraction", "0.2")
+    assert code == 0 and load_manifest(tmp_path / "o")["vocab_size"] == 300
 
 
 # ---- 6. --overwrite swaps in a complete directory ---------------------------------------

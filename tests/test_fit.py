@@ -32,6 +32,7 @@ from jtok.studies.fit import (
     paired_gains,
     paired_summary,
     paper_frontier_check,
+    parametric_analysis,
     profile_names,
     run_fit,
     size_axes,
@@ -136,6 +137,13 @@ def test_a_fit_window_around_the_best_run_removes_the_flanks_pull_on_a_wide_grid
     assert np.mean(errors) < 0.015 and min(wide_errors) > 0.02  # decades: 3.5% and 4.7%
     with pytest.raises(FitError, match="at least 3 sizes"):
         isoflop_analysis(runs, "baseline", bootstrap=0, window=2)
+    assert not any("--window" in note for note in isoflop_analysis(runs, "baseline",
+                                                                  bootstrap=0, window=5)[1])
+    # A window as wide as the grid is no window: said, not silently ignored.
+    whole, notes = isoflop_analysis(runs, "baseline", bootstrap=0, window=13)
+    assert [m["fit_sizes"] for m in whole["minima"]] == [13] * len(whole["minima"])
+    (said,) = [note for note in notes if "--window 13" in note]
+    assert "13 sizes" in said and "fitted on every size" in said
 
 
 def test_treatment_compute_saving_and_loss_gap_match_the_truth_within_the_bootstrap_ci():
@@ -339,6 +347,21 @@ def test_parametric_fit_recovers_E_alpha_beta_from_noisy_data():
     assert fit.beta == pytest.approx(TRUE["beta"], abs=0.01)
     assert fit.rmse_log < 0.004  # about the noise level
     assert np.allclose(fit.predict(n, d), chinchilla(n, d), rtol=0.005)
+
+
+def test_a_parameter_pinned_to_the_search_bound_is_named_and_noted():
+    n, d = parametric_grid()
+    # No irreducible loss at all: the best E is the search's floor.
+    loss = TRUE["A"] / n ** TRUE["alpha"] + TRUE["B"] / d ** TRUE["beta"]
+    fit = fit_parametric(n, d, loss)
+    assert fit.at_bound == ("E",) and fit.E < 1e-8
+    assert fit_parametric(n, d, chinchilla(n, d)).at_bound == ()
+    runs = [{"variant": "baseline", "N_c": float(a), "N_n": 0.0, "tokens": float(b),
+             "final_val_loss": float(c)} for a, b, c in zip(n, d, loss, strict=True)]
+    section, notes = parametric_analysis(runs, "baseline", "jtokm")
+    assert section["plain"]["at_bound"] == ("E",)
+    assert any(note.startswith("parametric (plain): E = ") and "bound" in note
+               for note in notes)  # fmt: skip
 
 
 def test_effective_parameter_fit_recovers_gamma_and_lowers_the_objective():

@@ -35,6 +35,17 @@ def write_spec(tmp_path, spec):
     return path
 
 
+def test_eval_and_save_intervals_follow_evals_per_run_unless_the_spec_sets_them(tiny_data):
+    spec = spec_dict(tiny_data, {"tokens": [2048]})  # 16 steps of 4 x 32 tokens
+    for run in plan(spec):
+        assert (run.config.train.eval_every, run.config.train.save_every) == (8, 8)
+    spec["base"]["train"]["save_every"] = 3
+    spec["axes"]["backbone"]["d64"]["train.eval_every"] = 5
+    for run in plan(spec):
+        expected_eval = 5 if run.labels["backbone"] == "d64" else 8
+        assert (run.config.train.eval_every, run.config.train.save_every) == (expected_eval, 3)
+
+
 def test_plan_is_the_cartesian_product_with_steps_from_the_budget(tiny_data):
     runs = plan(spec_dict(tiny_data, {"flops": ["1e9", 4e9]}))
     assert len(runs) == 2 * 2 * 2
@@ -253,6 +264,9 @@ def test_only_selects_runs_by_name_pattern(tiny_data, tmp_path):
     (lambda s: s["axes"]["variant"].update(jtok=3), "must be a mapping"),
     (lambda s: s["base"].update(train=[1, 2]), "base.train must be a mapping"),
     (lambda s: s["base"]["train"].update(lr="fast"), "train.lr"),
+    (lambda s: s["base"]["train"].update(steps=10), "train.steps follows from the budget"),
+    (lambda s: s["axes"]["backbone"]["d64"].update({"train.steps": 10}), "(axes {"),
+    (lambda s: s["base"]["train"].update(warmup_steps=3), "warmup_fraction or train.warmup"),
 ])
 def test_malformed_specs_give_one_line_and_write_nothing(tiny_data, tmp_path, capsys, change,
                                                           needle):  # fmt: skip

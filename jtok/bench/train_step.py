@@ -125,11 +125,13 @@ def _mark(clock: PhaseClock | None, phase: str) -> None:
 
 
 def train_step(model, optimizers: Optimizers, batch_ids: torch.Tensor,
-               clock: PhaseClock | None = None, grad_clip: float = 0.0) -> float:  # fmt: skip
-    """One training step; with `grad_clip` > 0 also the trainer's global clipping."""
+               clock: PhaseClock | None = None, grad_clip: float = 0.0,
+               forward=None) -> float:  # fmt: skip
+    """One training step; with `grad_clip` > 0 also the trainer's global clipping.
+    `forward`: the callable that runs the model (the model itself, or its torch.compile)."""
     if clock is not None:
         clock.start()
-    loss = _loss(model, batch_ids)
+    loss = _loss(model if forward is None else forward, batch_ids)
     _mark(clock, "forward")
     loss.backward()
     _mark(clock, "backward")
@@ -158,10 +160,12 @@ class HostTableSteps:
     for any gather already made (so the prefetch never changes a result)."""
 
     def __init__(self, model, optimizers: Optimizers, batches: list[torch.Tensor],
-                 device: torch.device | None = None, clock: PhaseClock | None = None):  # fmt: skip
+                 device: torch.device | None = None, clock: PhaseClock | None = None,
+                 forward=None):  # fmt: skip
         """`batches` on the host; `device` is the model's (default: the batches'); `clock`
-        times each step's phases (`PhaseClock`)."""
+        times each step's phases (`PhaseClock`); `forward` runs the model (default: itself)."""
         self.model, self.optimizers, self.batches = model, optimizers, batches
+        self.forward = model if forward is None else forward
         self.clock = clock
         self.device = device if device is not None else batches[0].device
         self.on_device = [b.to(self.device) for b in batches]
@@ -183,7 +187,7 @@ class HostTableSteps:
         token_rows = self.store.consume(self.pending)
         self.next += 1
         self.pending = self._fetch(self.next)  # overlaps this step's compute
-        loss = _loss(self.model, batch_ids, token_rows)
+        loss = _loss(self.forward, batch_ids, token_rows)
         _mark(clock, "forward")  # with the rows' hand-over and the next batch's request
         loss.backward()
         _mark(clock, "backward")
@@ -214,9 +218,11 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
                          optimizer: str = "adamw", progress: bool = False,
                          placements: tuple[str, ...] = ("device",),
                          device: torch.device | str = "cpu", phases: bool = False,
-                         ) -> dict:  # fmt: skip
+                         compile_model: bool = False) -> dict:  # fmt: skip
     """With `phases`, each configuration's steps also record where their time goes
-    (`PhaseClock`); warm-up steps are not recorded."""
+    (`PhaseClock`); warm-up steps are not recorded. With `compile_model` every model runs
+    through `torch.compile` (as `train.compile` does in the trainer), the baseline too, so
+    the ratios compare equals; the warm-up steps then include the compilation."""
     device = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -235,11 +241,13 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
         # The trainer's optimizer roles: AdamW by role, RowAdam for sparse-gradient tables.
         opts = Optimizers(model, TrainConfig(lr=1e-3))
         clock = PhaseClock(device) if phases else None
+        forward = torch.compile(model) if compile_model else model
         if placement == "host":  # its own batch order (it prefetches ahead): ids ignored
-            host_steps = HostTableSteps(model, opts, host_batches, device, clock=clock)
+            host_steps = HostTableSteps(model, opts, host_batches, device, clock=clock,
+                                        forward=forward)  # fmt: skip
             steps_of = functools.partial(_ignore_ids, host_steps.step)
         else:
-            steps_of = functools.partial(train_step, model, opts, clock=clock)
+            steps_of = functools.partial(train_step, model, opts, clock=clock, forward=forward)
         runs[name] = (vcfg, steps_of, placement)
         for i in range(warmup):
             steps_of(batches[i % len(batches)])
@@ -278,6 +286,7 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
         "backbone": {k: v for k, v in cfg.to_dict().items() if k != "tokmod"},
         "batch": batch, "seq_len": seq_len, "steps": steps, "reps": reps,
         "optimizer": optimizer, "threads": torch.get_num_threads(), "device": str(device),
+        "compile": compile_model,
         "torch": torch.__version__, "machine": platform.machine(),
         "unique_ids_per_batch": statistics.median(unique),
         "variants": {},
@@ -318,6 +327,7 @@ def format_report(result: dict) -> str:
         f"{result['seq_len']}, "
         f"{result['reps']} reps x {result['steps']} steps, optimizer {result['optimizer']}, "
         f"{result['threads']} threads, ~{result['unique_ids_per_batch']:.0f} distinct ids/batch"
+        + (", every model compiled" if result.get("compile") else "")
     )
     lines = [head, f"{'variant':<12}{'N_c':>12}{'N_n':>12}{'ms/step':>10}{'tok/s':>9}"
                    f"{'ratio':>8}{'(quartiles)':>14}{'95% CI of ratio':>18}{'cpu ms':>9}"

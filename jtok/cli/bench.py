@@ -22,7 +22,7 @@ MODES = ("train", "decode")
 # Options of one mode only, with their defaults there (None elsewhere: given in the other
 # mode, they are refused rather than silently ignored).
 TRAIN_ONLY = {"batch": 8, "seq_len": 256, "steps": 5, "optimizer": "sparse", "phases": False}
-DECODE_ONLY = {"batches": "1,16", "new_tokens": 64, "prompt_len": 32, "compile": False,
+DECODE_ONLY = {"batches": "1,16", "new_tokens": 64, "prompt_len": 32,
                "host_check": True, "share": True}  # fmt: skip
 WARMUP = {"train": 2, "decode": 1}
 PLACEMENTS_DEFAULT = {"train": "device", "decode": "device,host"}
@@ -132,7 +132,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg, variants=variants, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
         reps=args.reps, warmup=args.warmup, threads=args.threads, optimizer=args.optimizer,
         progress=not args.json, placements=tuple(placements), device=device,
-        phases=args.phases,
+        phases=args.phases, compile_model=args.compile,
     )  # fmt: skip
     _write(result, args, format_report)
     return 0
@@ -201,6 +201,9 @@ def register(sub) -> None:
                        "device for the training step, both for decode)")  # fmt: skip
     bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                        help="where the models run (default auto: CUDA when available)")
+    bench.add_argument("--compile", action="store_true",
+                       help="torch.compile every model, baseline included (decode: automatic "
+                       "dynamic shapes; train: as train.compile, compiled in the warm-up)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--out", type=Path, help="also write the JSON result here (a file in "
                        "an existing folder)")  # fmt: skip
@@ -224,9 +227,6 @@ def register(sub) -> None:
                         help="decode steps per run (default 64)")
     decode.add_argument("--prompt-len", type=positive_int, default=None,
                         help="prompt tokens per row (default 32)")
-    decode.add_argument("--compile", action="store_const", const=True, default=None,
-                        help="torch.compile every model (automatic dynamic shapes), "
-                             "baseline included")
     decode.add_argument("--no-host-check", dest="host_check", action="store_const",
                         const=False, default=None,
                         help="skip the one-step training check of where host tables and "

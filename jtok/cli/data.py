@@ -8,12 +8,19 @@ from pathlib import Path
 
 from jtok.cli.common import UsageError
 
+DEFAULT_VOCAB = 8192
 MAX_VOCAB = 1 << 22  # 4.2M ids; the largest public LM vocabularies are ~260K
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from jtok import data
 
+    if args.tokenizer is not None and args.vocab_size is not None:
+        # The vocabulary is the given tokenizer's; a size would be silently ignored.
+        raise UsageError("--vocab-size sets the size of a tokenizer trained here; with "
+                         "--tokenizer the vocabulary is that tokenizer's: drop one")  # fmt: skip
+    if args.vocab_size is None:
+        args.vocab_size = DEFAULT_VOCAB
     if args.vocab_size <= 0:
         raise UsageError(f"--vocab-size must be positive, got {args.vocab_size}")
     if args.vocab_size > MAX_VOCAB:
@@ -60,7 +67,9 @@ def register(sub) -> None:
     )
     prep.add_argument("inputs", nargs="*", help="text / .jsonl / .parquet files or globs")
     prep.add_argument("--out", type=Path, required=True, help="output directory")
-    prep.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
+    prep.add_argument("--vocab-size", type=int, default=None,
+                      help=f"size of the BPE vocabulary trained here (default {DEFAULT_VOCAB}; "
+                      "not with --tokenizer)")  # fmt: skip
     prep.add_argument("--tokenizer", help="existing tokenizer.json or HF tokenizer directory")
     prep.add_argument("--field", default="text", help="JSONL field / Parquet column")
     prep.add_argument("--hf-dataset", help="a Hugging Face dataset name (needs network)")

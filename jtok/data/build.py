@@ -48,6 +48,9 @@ from jtok.data.tokenizer import (
 from jtok.io import write_json_atomic
 
 DEFAULT_VAL_FRACTION = 0.005
+# When no document draws val, the last one is cut only past twice this many characters (or
+# twice the asked share): a smaller val split measures nothing, so a short document goes whole.
+MIN_CUT_VAL_CHARS = 1000
 
 
 # ---- prepare ----------------------------------------------------------------------------
@@ -64,29 +67,47 @@ def _assign_splits(texts: Iterator[str], seed: int,
 
     A hash of (seed, index) sends a document to val with probability val_fraction, so both
     passes of `prepare` (and any rerun) agree without storing anything. Both splits must be
-    non-empty: document 0 always trains, and if nothing else drew val the last document is
-    held out (one document of lookahead decides that); a lone document is cut in two.
+    non-empty: document 0 always trains, and if nothing else drew val (few documents, or a
+    tiny fraction) the last document is held out (one document of lookahead decides that)
+    if it is at most twice S = max(val_fraction x all characters read, MIN_CUT_VAL_CHARS);
+    a longer one is cut, its last S characters (widened back to the start of a word) held
+    out and the rest trained on. A lone document is cut at val_fraction of its length (at
+    least one character each side). Holding out a long last document whole could put most
+    of the data in val (a file of two documents, one of them long).
     """
     pending: tuple[str, str] | None = None
     any_val = False
+    total_chars = 0
     index = -1
     for index, text in enumerate(texts):
         if pending is not None:
             any_val |= pending[0] == "val"
             yield pending
+        total_chars += len(text)
         draws_val = index > 0 and _draws_val(seed, index, val_fraction)
         pending = ("val" if draws_val else "train", text)
     if pending is None:
         return
     split, text = pending
-    if index == 0:
-        if len(text) < 2:
-            raise DataError("the inputs hold a single character; need text for train and val")
-        cut = len(text) - min(len(text) - 1, max(1, round(len(text) * val_fraction)))
-        yield "train", text[:cut]
-        yield "val", text[cut:]
-    else:
-        yield ("val" if not any_val else split), text
+    if any_val or split == "val":
+        yield split, text
+        return
+    if total_chars < 2:
+        raise DataError("the inputs hold a single character; need text for train and val")
+    held_out = max(MIN_CUT_VAL_CHARS, round(total_chars * val_fraction))
+    if index == 0:  # a lone document: document 0 trains, so it is cut in two at the share
+        held_out = min(max(1, round(len(text) * val_fraction)), len(text) - 1)
+    elif len(text) <= 2 * held_out:  # whole, if that at most doubles the asked val share
+        yield "val", text
+        return
+    cut = len(text) - held_out
+    # Back to the start of the word the cut falls in (a cut inside a word would make two
+    # pieces no tokenizer saw in the text); the val part only grows.
+    space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
+    if space > 0:
+        cut = space + 1
+    yield "train", text[:cut]
+    yield "val", text[cut:]
 
 
 def _fsync(path: Path) -> None:

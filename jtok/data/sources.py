@@ -125,11 +125,20 @@ class _Source:
     location: str
 
 
+def _bom_length(head: bytes, encoding: str) -> int:
+    """Bytes of a UTF-8 byte-order mark that open a UTF-8 file: a marker, not text (Python's
+    "utf-8" codec would keep it as U+FEFF in the first document)."""
+    return len(codecs.BOM_UTF8) if (codecs.lookup(encoding).name == "utf-8"
+                                    and head.startswith(codecs.BOM_UTF8)) else 0  # fmt: skip
+
+
 def _decoded_chunks(path: str, encoding: str = "utf-8", errors: str = "replace") -> Iterator[str]:
     handler = "strict" if errors == "strict" else _ESCAPE
     decoder = codecs.getincrementaldecoder(encoding)(errors=handler)
     offset = 0  # bytes of the file handed to the decoder so far
     with open(path, "rb") as file:
+        offset = _bom_length(file.read(len(codecs.BOM_UTF8)), encoding)
+        file.seek(offset)
         while True:
             block = file.read(READ_BYTES)
             pending = len(decoder.getstate()[0])  # bytes held back from the last block
@@ -172,6 +181,8 @@ def _jsonl_documents(path: str, text_field: str, encoding: str, errors: str) -> 
     offset = 0
     with open(path, "rb") as file:
         for line_no, raw in enumerate(file, 1):
+            if line_no == 1 and (bom := _bom_length(raw, encoding)):
+                raw, offset = raw[bom:], bom
             try:
                 line = raw.decode(encoding, handler)
             except UnicodeDecodeError as err:

@@ -152,7 +152,7 @@ def isoflop_analysis(
     points: dict[tuple, ProfilePoints] = {}
     minima: dict[tuple, IsoMinimum] = {}  # the minima the frontiers go through
     compute: dict[tuple, float] = {}
-    rows, edges = [], []
+    rows, edges, unwindowed = [], [], []
     for (variant, budget), members in sorted(grouped.items(), key=lambda kv: kv[0]):
         x = np.log10([r["N_c"] for r in members])
         loss = np.array([r[loss_field] for r in members])
@@ -166,6 +166,8 @@ def isoflop_analysis(
         if any(len(etas) > 1 for etas in per_size.values()):
             notes.append(f"{label}: several eta values at one backbone are pooled")
         fitted = fit_window(x, loss, window)
+        if window is not None and window >= len(np.unique(x)):
+            unwindowed.append(f"C={budget:.3g} ({variant}, {len(np.unique(x))} sizes)")
         m = minimum_of_log(x[fitted], loss[fitted])
         edge = best_size_at_edge(x, loss)
         kept = include_edge or not edge
@@ -200,6 +202,9 @@ def isoflop_analysis(
         })  # fmt: skip
         if not m.in_range:
             notes.append(f"{label}: {m.reason}; used the best observed point")
+    if unwindowed:
+        notes.append(f"isoFLOPs: --window {window} is no smaller than the profile at "
+                     f"{', '.join(unwindowed)}: fitted on every size there")  # fmt: skip
     if not rows:
         return None, notes
     fronts = frontier_lines(minima, compute)

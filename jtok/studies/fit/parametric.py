@@ -32,6 +32,7 @@ class ParametricFit:
     rmse_log: float
     n: int
     starts: int  # optimiser starts polished (the best points of a grid)
+    at_bound: tuple[str, ...] = ()  # parameters the optimum pinned to a bound of the search
 
     def predict(self, n_c, tokens, eta=None) -> np.ndarray:
         n_eff = np.asarray(n_c, float)
@@ -42,6 +43,14 @@ class ParametricFit:
 
 # theta = (log E, log A, alpha, log B, beta[, gamma]); logs keep E, A, B positive.
 _BOUNDS = [(-20.0, 5.0), (-30.0, 80.0), (1e-3, 3.0), (-30.0, 80.0), (1e-3, 3.0), (0.0, 1e3)]
+_NAMES = ("E", "A", "alpha", "B", "beta", "gamma")
+
+
+def _pinned(theta) -> tuple[str, ...]:
+    """Names of the parameters sitting on a bound of the search: there the data did not
+    pin the value (E at its floor, 2e-9, means no irreducible loss could be told apart)."""
+    return tuple(name for name, value, (low, high) in zip(_NAMES, theta, _BOUNDS, strict=False)
+                 if min(abs(value - low), abs(value - high)) <= 1e-6 * (1.0 + abs(value)))
 
 
 def _objective(theta, log_n, log_d, eta, log_obs, delta):
@@ -114,7 +123,7 @@ def fit_parametric(
     t = best.x
     fit = ParametricFit(math.exp(t[0]), math.exp(t[1]), float(t[2]), math.exp(t[3]), float(t[4]),
                         None if eta is None else float(t[5]), float(best.fun) * delta**2,
-                        0.0, len(loss), len(starts))  # fmt: skip
+                        0.0, len(loss), len(starts), _pinned(t))  # fmt: skip
     residual = np.log(fit.predict(np.exp(log_n), np.exp(log_d), eta)) - np.log(loss)
     return ParametricFit(**{**asdict(fit), "rmse_log": float(np.sqrt(np.mean(residual**2)))})
 
@@ -138,11 +147,22 @@ def parametric_analysis(
     plain = fit_parametric(n_c, tokens, loss)
     section: dict[str, Any] = {"runs": len(chosen), "variants": [baseline, treatment],
                                "delta": HUBER_DELTA, "plain": asdict(plain)}  # fmt: skip
+    notes = _bound_notes("plain", plain)
     if not (np.any(eta == 0) and np.any(eta > 0) and len(chosen) >= 7):
-        return section, ["parametric: gamma needs runs with eta = 0 and eta > 0; plain law only"]
+        return section, [*notes, "parametric: gamma needs runs with eta = 0 and eta > 0; "
+                         "plain law only"]  # fmt: skip
     effective = fit_parametric(n_c, tokens, loss, eta, init=plain)
+    notes += _bound_notes("with N_eff", effective)
     section["effective"] = asdict(effective)
     section["objective_improvement"] = plain.objective - effective.objective
     section["relative_improvement"] = (1 - effective.objective / plain.objective
                                        if plain.objective > 0 else 0.0)  # fmt: skip
-    return section, []
+    return section, notes
+
+
+def _bound_notes(which: str, fit: ParametricFit) -> list[str]:
+    if not fit.at_bound:
+        return []
+    values = ", ".join(f"{name} = {getattr(fit, name):.3g}" for name in fit.at_bound)
+    return [f"parametric ({which}): {values} at the bound of the search: the runs do not pin "
+            "it, so read the law as a description of these runs, not an extrapolation"]
