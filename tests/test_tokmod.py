@@ -514,3 +514,24 @@ def test_compiled_model_decodes_the_eager_models_logits():
             model(ids, cache=cache)  # the prompt, eagerly
             results.append(forward(nxt, cache=cache).logits)
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+def test_selection_counts_are_bincounts_and_routing_compiles_without_graph_breaks():
+    """Training under torch.compile: routing (JTok-M's and the MoE router's) traces into
+    the graph. In a dense JTok-M model the only break is the dedup key's `unique` (a
+    data-dependent shape), before the first layer; an MoE layer also breaks where it hands
+    its expert counts to the grouped matmul (`tolist`). `bincount` broke the graph at every
+    routed layer."""
+    from jtok.nn.routing import selection_counts
+
+    index = torch.tensor([[0, 3], [3, 1], [0, 3]])
+    assert selection_counts(index, 6).tolist() == torch.bincount(index.flatten(),
+                                                                 minlength=6).tolist()
+    for name, kind in (("tiny", "jtokm"), ("tiny-moe", "jtokm"), ("tiny-moe", "none")):
+        cfg = tiny(name, tokmod__kind=kind)
+        model = build_model(cfg, seed=0).train()
+        explained = torch._dynamo.explain(model)(random_ids(cfg, batch=2, seq=12))
+        where = {str(b.user_stack[-1].filename).rsplit("/jtok/", 1)[-1]
+                 for b in explained.break_reasons}  # fmt: skip
+        allowed = {"tables/keys.py"} if name == "tiny" else {"tables/keys.py", "nn/ffn.py"}
+        assert where <= allowed and (kind == "none" or "tables/keys.py" in where), where

@@ -51,8 +51,14 @@ def route_topk(
 
 
 def selection_counts(index_TK: Tensor, n_choices: int) -> Tensor:
-    """How many (row, slot) selections each of the n choices received."""
-    return torch.bincount(index_TK.flatten(), minlength=n_choices)
+    """How many (row, slot) selections each of the n choices received (int64).
+
+    A scatter-add into n zeros, not `bincount`: the same counts, but bincount's output
+    length depends on the largest index (a data-dependent shape), which breaks a
+    torch.compile graph at every layer that routes."""
+    flat = index_TK.flatten()
+    return torch.zeros(n_choices, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.long))
 
 
 def balance_loss(probs_TE: Tensor, index_TK: Tensor) -> Tensor:
