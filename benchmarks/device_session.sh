@@ -5,7 +5,9 @@
 # one that hangs cannot eat the others' time. Results: $OUT/*.json, logs: $OUT/*.log.
 #
 #   run: bash benchmarks/device_session.sh 1     (timeout_s 330: checks + training step)
-#   run: bash benchmarks/device_session.sh 2     (timeout_s 560: compiled decode)
+#   run: bash benchmarks/device_session.sh 2     (timeout_s 450: compiled decode)
+# The two fit a session's 15 device minutes only with the machine's start (a minute or
+# more) counted: 330 + 450 s of commands leave about 2 minutes for it and no rerun.
 #
 # Part 1. device_checks.py: host tables == device tables on the GPU (logits, gradients, five
 #         steps), no table bytes or row-optimizer state on the GPU, generation ids (host vs
@@ -38,7 +40,7 @@ if [ "$PART" = 1 ]; then
         --json --out "$OUT/train_gpu.json" > "$OUT/train_gpu.log" 2>&1
     echo "bench train: exit $?"
 else
-    timeout 540 python3 -m jtok bench decode --preset "$PRESET" --device "$DEVICE" --compile \
+    timeout 430 python3 -m jtok bench decode --preset "$PRESET" --device "$DEVICE" --compile \
         --variants baseline,jtokm --reps "$REPS" --json --out "$OUT/decode_gpu.json" \
         > "$OUT/decode_gpu.log" 2>&1
     echo "bench decode: exit $?"
