@@ -12,6 +12,8 @@ law needs three eta values within one variant), so this script fits the law itse
 - whether the law holds: the slope's interval excludes zero and the residual sd is no larger
   than the paired seed sd (the within-pool spread of the paired differences), i.e. the line
   leaves no curvature the seeds cannot explain.
+- each pool's relative gain over the same-seed baseline, with a paired t interval over the
+  seeds that ran both (the baseline ran at seeds 0-1 first, at seeds 2-9 from 2026-12-03);
 - the within-seed fit, the estimate the target is judged on once seeds beyond s1 are in:
   loss = a_seed + slope * log2 eta over every pool run, a seed's own level removed by
   centring its runs (the baseline is not needed, so the added seeds run only the extreme
@@ -140,6 +142,12 @@ def main() -> None:
         shown_sd = "-" if seed_sd is None else f"{seed_sd:.4f}"
         print(f"paper {PAPER_SLOPE:+.4f}; target SE <= {TARGET_SE}: {fit['target_met']}; "
               f"paired seed sd {shown_sd} ({dof} dof); law holds: {fit['law_holds']}")
+    out["gains"] = pool_gains(points, base)
+    for variant, g in out["gains"].items():
+        shown = ("-" if g["ci95"] is None
+                 else f"[{100 * g['ci95'][0]:+.2f}%, {100 * g['ci95'][1]:+.2f}%]")  # fmt: skip
+        print(f"gain of {variant} over the same-seed baseline: mean {100 * g['mean']:+.2f}% "
+              f"(95% CI {shown}, {g['seeds']} seeds; better at {g['better']})")  # fmt: skip
     within = within_seed_fit(points) if len({e for _, _, e, _ in points}) >= 2 else None
     out["within_seed"] = within
     if within is not None:
@@ -153,6 +161,29 @@ def main() -> None:
     (HERE / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
     if within is not None:
         plot_within_seed(points, within)
+
+
+def pool_gains(points: list[tuple[str, int, float, float]], base: dict[int, float]) -> dict:
+    """Per pool: the relative gain 1 - L(pool) / L(baseline) at each seed that ran both, its
+    mean and a paired t interval over seeds (the seed moves both runs' data order and
+    initial backbone, so the pairs share that noise)."""
+    by_pool: dict[str, list[float]] = defaultdict(list)
+    eta_of = {}
+    for variant, seed, eta, loss in points:
+        eta_of[variant] = eta
+        if seed in base:
+            by_pool[variant].append(1.0 - loss / base[seed])
+    out = {}
+    for variant, gains in sorted(by_pool.items(), key=lambda kv: eta_of[kv[0]]):
+        n = len(gains)
+        mean = float(np.mean(gains))
+        ci = None
+        if n >= 2:
+            half = float(stats.t.ppf(0.975, n - 1)) * float(np.std(gains, ddof=1)) / math.sqrt(n)
+            ci = [mean - half, mean + half]
+        out[variant] = {"mean": mean, "ci95": ci, "seeds": n, "gains": gains,
+                        "better": f"{sum(g > 0 for g in gains)} of {n}"}  # fmt: skip
+    return out
 
 
 def plot_within_seed(points: list[tuple[str, int, float, float]], within: dict) -> None:
