@@ -698,8 +698,9 @@ def build_cases(fx: Fixtures) -> list[Case]:  # noqa: C901 - a long list, on pur
     # ---- data prepare ------------------------------------------------------------------
     def prep(*args: str, out: Callable[[Path], str] | None = None):
         out = out or (lambda cd: str(cd / "out"))
-        return lambda cd: ["data", "prepare", *args, "--out", out(cd), "--vocab-size", "300",
-                           "--no-progress"]  # fmt: skip
+        # A given tokenizer sets the vocabulary (--vocab-size beside it is refused).
+        size = [] if "--tokenizer" in args else ["--vocab-size", "300"]
+        return lambda cd: ["data", "prepare", *args, "--out", out(cd), *size, "--no-progress"]
 
     add("data/input-missing", "paths", prep(missing + ".txt"), fresh=fresh_out)
     add("data/input-glob-matches-nothing", "paths", prep(str(fx.files / "nomatch*.txt")),

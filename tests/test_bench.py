@@ -98,6 +98,8 @@ def test_host_placement_check_reports_where_tables_and_state_live():
         (["decode", "--new-tokens", "0"], "argument --new-tokens: expected a positive integer"),
         (["sideways"], "invalid choice: 'sideways'"),
         (["decode", "--phases"], "--phases applies to `jtok bench (train)`"),
+        (["--compile", "--warmup", "0"], "--compile compiles in the warm-up"),
+        (["decode", "--compile", "--warmup", "0"], "--compile compiles in the warm-up"),
         (["--placements", "host", "--optimizer", "adamw", "--seq-len", "64"],
          "host tables train with sparse"),
     ],

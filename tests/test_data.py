@@ -240,6 +240,24 @@ def test_a_long_last_document_is_cut_so_val_stays_near_the_asked_fraction(tmp_pa
     assert decoded_documents(tmp_path / "whole", "val") == [short]
 
 
+@pytest.mark.parametrize("case", ["no spaces", "trailing whitespace", "lone, no spaces"])
+def test_a_cut_without_nearby_spaces_or_before_trailing_space_keeps_the_share(case):
+    from jtok.data.build import MAX_WORD_BACKOFF, _assign_splits
+
+    body = "标题 " + "字" * 60_000  # one space, far before the cut
+    docs = {"no spaces": ["第一篇短文。", body],
+            "trailing whitespace": ["short doc", "word " * 4000 + "\n" * 1500],
+            "lone, no spaces": [body]}[case]
+    (*train, val) = list(_assign_splits(iter(docs), seed=0, val_fraction=0.03))
+    assert [s for s, _ in train] == ["train"] * len(train) and val[0] == "val"
+    assert "".join(t for _, t in train) + val[1] == "".join(docs)  # nothing lost or doubled
+    total = sum(map(len, docs))
+    share = len(docs[-1]) * 0.03 if len(docs) == 1 else max(MIN_CUT_VAL_CHARS, total * 0.03)
+    kept = val[1].rstrip()
+    assert kept.strip() and abs(len(kept) - share) <= MAX_WORD_BACKOFF + 1, len(kept)
+    assert train[-1][1].strip()
+
+
 def test_undecodable_bytes_are_replaced_and_counted_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "READ_BYTES", 3)  # multi-byte characters straddle reads
     raw = (

@@ -356,6 +356,11 @@ def test_a_parameter_pinned_to_the_search_bound_is_named_and_noted():
     fit = fit_parametric(n, d, loss)
     assert fit.at_bound == ("E",) and fit.E < 1e-8
     assert fit_parametric(n, d, chinchilla(n, d)).at_bound == ()
+    # gamma = 0 (token parameters worth nothing) is the model's own bound, not the search's:
+    # measured, so not noted as unpinned.
+    eta = np.repeat([0.0, 4.0], n.size)
+    no_gain = fit_parametric(np.tile(n, 2), np.tile(d, 2), np.tile(chinchilla(n, d), 2), eta)
+    assert no_gain.gamma == pytest.approx(0.0, abs=1e-6) and no_gain.at_bound == ()
     runs = [{"variant": "baseline", "N_c": float(a), "N_n": 0.0, "tokens": float(b),
              "final_val_loss": float(c)} for a, b, c in zip(n, d, loss, strict=True)]
     section, notes = parametric_analysis(runs, "baseline", "jtokm")

@@ -264,9 +264,12 @@ def test_only_selects_runs_by_name_pattern(tiny_data, tmp_path):
     (lambda s: s["axes"]["variant"].update(jtok=3), "must be a mapping"),
     (lambda s: s["base"].update(train=[1, 2]), "base.train must be a mapping"),
     (lambda s: s["base"]["train"].update(lr="fast"), "train.lr"),
-    (lambda s: s["base"]["train"].update(steps=10), "train.steps follows from the budget"),
-    (lambda s: s["axes"]["backbone"]["d64"].update({"train.steps": 10}), "(axes {"),
-    (lambda s: s["base"]["train"].update(warmup_steps=3), "warmup_fraction or train.warmup"),
+    (lambda s: s["base"]["train"].update(steps=10),
+     "sweep spec base.train: train.steps follows from the budget"),
+    (lambda s: s["axes"]["backbone"]["d64"].update({"train.steps": 10}),
+     "sweep spec axes {'variant': 'baseline', 'backbone': 'd64'}: train.steps follows"),
+    (lambda s: s["base"]["train"].update(warmup_steps=3),
+     "base.train: give warmup_fraction or train.warmup"),
 ])
 def test_malformed_specs_give_one_line_and_write_nothing(tiny_data, tmp_path, capsys, change,
                                                           needle):  # fmt: skip

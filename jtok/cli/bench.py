@@ -77,6 +77,8 @@ def _apply_mode_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, default)
     if args.warmup is None:
         args.warmup = WARMUP[args.mode]
+    if args.compile and args.warmup == 0:  # else the compile lands in the first timing
+        raise UsageError("--compile compiles in the warm-up: give --warmup 1 or more")
     if args.placements is None:
         args.placements = PLACEMENTS_DEFAULT[args.mode]
 

@@ -122,10 +122,11 @@ def register(sub) -> None:
         "sweep",
         help="run a grid of trainings for scaling-law / isoFLOP studies (resumable)",
         description="Run every training of a sweep spec (YAML/JSON: base config, axes, "
-        "budget in tokens or FLOPs; see jtok/sweep.py) into OUT/runs/, appending one line "
-        "per finished run to OUT/results.jsonl for `jtok fit`. Re-running skips finished "
-        "runs and resumes interrupted ones. Several processes may run the same spec and "
-        "OUT at once: each locks the run it trains and passes over runs locked by another.",
+        "budget in tokens or FLOPs; see jtok/studies/sweep_spec.py) into OUT/runs/, "
+        "appending one line per finished run to OUT/results.jsonl for `jtok fit`. "
+        "Re-running skips finished runs and resumes interrupted ones. Several processes "
+        "may run the same spec and OUT at once: each locks the run it trains and passes "
+        "over runs locked by another.",
     )
     sw.add_argument("spec", type=Path, help="sweep spec (YAML or JSON)")
     sw.add_argument("--out", type=Path, required=True, help="sweep directory")

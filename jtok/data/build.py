@@ -51,6 +51,7 @@ DEFAULT_VAL_FRACTION = 0.005
 # When no document draws val, the last one is cut only past twice this many characters (or
 # twice the asked share): a smaller val split measures nothing, so a short document goes whole.
 MIN_CUT_VAL_CHARS = 1000
+MAX_WORD_BACKOFF = 100  # characters a cut may move back to reach the start of a word
 
 
 # ---- prepare ----------------------------------------------------------------------------
@@ -70,9 +71,10 @@ def _assign_splits(texts: Iterator[str], seed: int,
     non-empty: document 0 always trains, and if nothing else drew val (few documents, or a
     tiny fraction) the last document is held out (one document of lookahead decides that)
     if it is at most twice S = max(val_fraction x all characters read, MIN_CUT_VAL_CHARS);
-    a longer one is cut, its last S characters (widened back to the start of a word) held
-    out and the rest trained on. A lone document is cut at val_fraction of its length (at
-    least one character each side). Holding out a long last document whole could put most
+    a longer one is cut, its last S characters before any trailing whitespace (widened back
+    to the start of a word, at most MAX_WORD_BACKOFF characters) held out and the rest
+    trained on. A lone document is cut at val_fraction of its length (at least one
+    character each side), with no minimum. Holding out a long last document whole could put most
     of the data in val (a file of two documents, one of them long).
     """
     pending: tuple[str, str] | None = None
@@ -100,11 +102,15 @@ def _assign_splits(texts: Iterator[str], seed: int,
     elif len(text) <= 2 * held_out:  # whole, if that at most doubles the asked val share
         yield "val", text
         return
-    cut = len(text) - held_out
-    # Back to the start of the word the cut falls in (a cut inside a word would make two
-    # pieces no tokenizer saw in the text); the val part only grows.
+    # Measured on the text without its trailing whitespace (which goes to val with the tail),
+    # so val is never whitespace alone.
+    content = len(text.rstrip())
+    cut = max(1, content - held_out) if content > 1 else len(text) - held_out
+    # Back to the start of the word the cut falls in (a cut inside a word makes two pieces
+    # no tokenizer saw in the text), but only a word's length: text without spaces (CJK,
+    # minified code) is cut where the share falls, not at a space far back.
     space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
-    if space > 0:
+    if space > 0 and cut - space <= MAX_WORD_BACKOFF and text[:space].strip():
         cut = space + 1
     yield "train", text[:cut]
     yield "val", text[cut:]

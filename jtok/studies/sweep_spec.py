@@ -159,14 +159,14 @@ def _spec_number(spec: dict, key: str, default, low, high, integer: bool = False
     return int(value) if integer else float(value)
 
 
-def _check_budget_keys(set_keys: set[str], labels: dict[str, str],
+def _check_budget_keys(set_keys: set[str], where: str,
                        warmup_fraction: float | None) -> None:  # fmt: skip
-    """Refuse train settings the budget would silently replace."""
-    where = f" (axes {labels})" if labels else ""
+    """Refuse train settings the budget would silently replace; `where` names the part of
+    the spec that set them (base.train, or an axis value)."""
     if "steps" in set_keys:
-        raise SweepError(f"sweep spec{where}: train.steps follows from the budget; remove it")
+        raise SweepError(f"sweep spec {where}: train.steps follows from the budget; remove it")
     if "warmup_steps" in set_keys and warmup_fraction is not None:
-        raise SweepError(f"sweep spec{where}: give warmup_fraction or train.warmup_steps, "
+        raise SweepError(f"sweep spec {where}: give warmup_fraction or train.warmup_steps, "
                          "not both")  # fmt: skip
 
 
@@ -201,6 +201,7 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
     warmup_fraction = _spec_number(spec, "warmup_fraction", None, 0.0, 1.0)
     evals = _spec_number(spec, "evals_per_run", 4, 1, None, integer=True)
     base_train_keys = set(spec.get("base", {}).get("train") or {})
+    _check_budget_keys(base_train_keys, "base.train", warmup_fraction)
     excluded = _exclusions(spec.get("exclude"), axes, values)
     runs, seen_configs = [], set()
     for combo in itertools.product(*[list(opts.items()) for opts in axes.values()]):
@@ -209,8 +210,9 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
         for axis, (value_name, value_overrides) in zip(axes, combo, strict=True):
             labels[axis] = str(value_name)
             overrides.update(value_overrides or {})
-        set_keys = base_train_keys | {k[6:] for k in overrides if k.startswith("train.")}
-        _check_budget_keys(set_keys, labels, warmup_fraction)
+        axis_keys = {k[6:] for k in overrides if k.startswith("train.")}
+        _check_budget_keys(axis_keys, f"axes {labels}", warmup_fraction)
+        set_keys = base_train_keys | axis_keys
         try:
             cfg = base.with_overrides(overrides)
         except ConfigError as err:

@@ -48,9 +48,16 @@ _NAMES = ("E", "A", "alpha", "B", "beta", "gamma")
 
 def _pinned(theta) -> tuple[str, ...]:
     """Names of the parameters sitting on a bound of the search: there the data did not
-    pin the value (E at its floor, 2e-9, means no irreducible loss could be told apart)."""
-    return tuple(name for name, value, (low, high) in zip(_NAMES, theta, _BOUNDS, strict=False)
-                 if min(abs(value - low), abs(value - high)) <= 1e-6 * (1.0 + abs(value)))
+    pin the value (E at its floor, 2e-9, means no irreducible loss could be told apart).
+    gamma = 0 is left out: that bound is the model's (a token parameter is worth no
+    backbone parameter, i.e. no gain measured), and `jtok fit` reports gamma as it is."""
+    pinned = []
+    for name, value, (low, high) in zip(_NAMES, theta, _BOUNDS, strict=False):
+        at_low = abs(value - low) <= 1e-6 * (1.0 + abs(value))
+        at_high = abs(value - high) <= 1e-6 * (1.0 + abs(value))
+        if at_high or (at_low and name != "gamma"):
+            pinned.append(name)
+    return tuple(pinned)
 
 
 def _objective(theta, log_n, log_d, eta, log_obs, delta):
