@@ -14,6 +14,13 @@ from jtok.inference.generate import generate_batch
 from jtok.presets import preset
 
 
+def tiny_train_argv(steps: int, reps: int, extra=()) -> list[str]:
+    """`jtok bench` (train mode) on the tiny preset, JTok-M with device and host tables."""
+    return ["bench", "--preset", "tiny", "--batch", "2", "--seq-len", "8", "--steps",
+            str(steps), "--reps", str(reps), "--warmup", "1", "--variants", "jtokm",
+            "--placements", "device,host", "--device", "cpu", *extra, "--json"]  # fmt: skip
+
+
 def run(argv, capsys):
     code = main(argv)
     out = capsys.readouterr()
@@ -137,9 +144,7 @@ def test_train_mode_is_the_default_and_can_be_named(capsys):
 
 
 def test_train_mode_times_host_tables_as_the_trainer_steps_them(capsys):
-    argv = ["bench", "--preset", "tiny", "--batch", "2", "--seq-len", "8", "--steps", "2",
-            "--reps", "1", "--warmup", "1", "--variants", "jtokm", "--placements",
-            "device,host", "--device", "cpu", "--json"]  # fmt: skip
+    argv = tiny_train_argv(steps=2, reps=1)
     code, out, _ = run(argv, capsys)
     assert code == 0
     result = json.loads(out)
@@ -165,15 +170,13 @@ def test_train_mode_compile_runs_every_configuration_through_torch_compile(capsy
         inner = real_compile(model, backend="eager")
 
         def forward(*args, **kw):
-            calls.append(len(compiled))
+            calls.append(type(model).__name__)
             return inner(*args, **kw)
 
         return forward
 
     monkeypatch.setattr(torch, "compile", recording_compile)
-    argv = ["bench", "--preset", "tiny", "--batch", "2", "--seq-len", "8", "--steps", "1",
-            "--reps", "2", "--warmup", "1", "--variants", "jtokm", "--placements",
-            "device,host", "--device", "cpu", "--compile", "--json"]  # fmt: skip
+    argv = tiny_train_argv(steps=1, reps=2, extra=["--compile"])
     code, out, _ = run(argv, capsys)
     assert code == 0
     result = json.loads(out)
@@ -210,9 +213,7 @@ def test_host_table_steps_train_like_device_steps():
 
 
 def test_phases_time_every_part_of_the_step_once_per_timed_step(capsys):
-    argv = ["bench", "--preset", "tiny", "--batch", "2", "--seq-len", "8", "--steps", "2",
-            "--reps", "3", "--warmup", "1", "--variants", "jtokm", "--placements",
-            "device,host", "--device", "cpu", "--phases", "--json"]  # fmt: skip
+    argv = tiny_train_argv(steps=2, reps=3, extra=["--phases"])
     code, out, _ = run(argv, capsys)
     assert code == 0
     result = json.loads(out)

@@ -74,8 +74,8 @@ def _assign_splits(texts: Iterator[str], seed: int,
     a longer one is cut, its last S characters before any trailing whitespace (widened back
     to the start of a word, at most MAX_WORD_BACKOFF characters) held out and the rest
     trained on. A lone document is cut at val_fraction of its length (at least one
-    character each side), with no minimum. Holding out a long last document whole could put most
-    of the data in val (a file of two documents, one of them long).
+    character each side), with no minimum. Holding out a long last document whole could
+    put most of the data in val (a file of two documents, one of them long).
     """
     pending: tuple[str, str] | None = None
     any_val = False
@@ -104,8 +104,7 @@ def _assign_splits(texts: Iterator[str], seed: int,
         return
     # Measured on the text without its trailing whitespace (which goes to val with the tail),
     # so val is never whitespace alone.
-    content = len(text.rstrip())
-    cut = max(1, content - held_out) if content > 1 else len(text) - held_out
+    cut = max(1, len(text.rstrip()) - held_out)
     # Back to the start of the word the cut falls in (a cut inside a word makes two pieces
     # no tokenizer saw in the text), but only a word's length: text without spaces (CJK,
     # minified code) is cut where the share falls, not at a space far back.

@@ -135,8 +135,8 @@ def _bom_length(head: bytes, encoding: str) -> int:
 def _decoded_chunks(path: str, encoding: str = "utf-8", errors: str = "replace") -> Iterator[str]:
     handler = "strict" if errors == "strict" else _ESCAPE
     decoder = codecs.getincrementaldecoder(encoding)(errors=handler)
-    offset = 0  # bytes of the file handed to the decoder so far
     with open(path, "rb") as file:
+        # Bytes of the file handed to the decoder so far: a UTF-8 mark is skipped, not decoded.
         offset = _bom_length(file.read(len(codecs.BOM_UTF8)), encoding)
         file.seek(offset)
         while True:

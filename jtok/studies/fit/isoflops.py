@@ -157,8 +157,9 @@ def isoflop_analysis(
         x = np.log10([r["N_c"] for r in members])
         loss = np.array([r[loss_field] for r in members])
         label = f"isoFLOPs {variant} at C={budget:.3g}"
-        if len(np.unique(x)) < 3:
-            notes.append(f"{label}: {len(np.unique(x))} backbone sizes, a quadratic needs 3")
+        n_sizes = len(np.unique(x))
+        if n_sizes < 3:
+            notes.append(f"{label}: {n_sizes} backbone sizes, a quadratic needs 3")
             continue
         per_size = defaultdict(set)
         for r in members:
@@ -166,8 +167,8 @@ def isoflop_analysis(
         if any(len(etas) > 1 for etas in per_size.values()):
             notes.append(f"{label}: several eta values at one backbone are pooled")
         fitted = fit_window(x, loss, window)
-        if window is not None and window >= len(np.unique(x)):
-            unwindowed.append(f"C={budget:.3g} ({variant}, {len(np.unique(x))} sizes)")
+        if window is not None and window >= n_sizes:
+            unwindowed.append(f"C={budget:.3g} ({variant}, {n_sizes} sizes)")
         m = minimum_of_log(x[fitted], loss[fitted])
         edge = best_size_at_edge(x, loss)
         kept = include_edge or not edge
@@ -188,7 +189,7 @@ def isoflop_analysis(
         d_line = fit_line(x, np.log10([r["tokens"] for r in members]))
         rows.append({
             "variant": variant, "budget": budget, "compute": compute[(variant, budget)],
-            "n_points": len(members), "n_sizes": len(np.unique(x)),
+            "n_points": len(members), "n_sizes": n_sizes,
             "fit_sizes": len(np.unique(x[fitted])),
             "fit_range": [float(10 ** x[fitted].min()), float(10 ** x[fitted].max())],
             "N_opt": m.n_opt, **_other_counts(members, m.n_opt),
