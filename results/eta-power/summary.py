@@ -53,19 +53,27 @@ def interval(line) -> list[float] | None:
     return [line.slope - half, line.slope + half]
 
 
+def centred_within_seeds(points: list[tuple[str, int, float, float]]):
+    """(log2 eta, loss) of each run minus its seed's means: centring within a seed removes
+    the seed's level, which is what the within-seed fit and its plot work on."""
+    seed_of = np.asarray([s for _, s, _, _ in points])
+    x = np.log2([e for _, _, e, _ in points])
+    y = np.asarray([loss for _, _, _, loss in points])
+    for seed in set(seed_of.tolist()):
+        at = seed_of == seed
+        x[at] -= x[at].mean()
+        y[at] -= y[at].mean()
+    return x, y
+
+
 def within_seed_fit(points: list[tuple[str, int, float, float]]) -> dict | None:
     """The slope of loss on log2 eta with a free level per seed, and the line's lack of fit
     against a free level per pool (a two-way additive model: seed + pool)."""
     seeds = sorted({s for _, s, _, _ in points})
     pools = sorted({v for v, _, _, _ in points})
-    x = np.log2([e for _, _, e, _ in points])
     y = np.asarray([loss for _, _, _, loss in points])
     seed_of = np.asarray([seeds.index(s) for _, s, _, _ in points])
-    xc, yc = x.copy(), y.copy()
-    for i in range(len(seeds)):  # centring within a seed removes its level
-        at = seed_of == i
-        xc[at] -= x[at].mean()
-        yc[at] -= y[at].mean()
+    xc, yc = centred_within_seeds(points)
     sxx = float(xc @ xc)
     dof = len(points) - len(seeds) - 1
     if sxx == 0 or dof < 1:
@@ -194,19 +202,11 @@ def plot_within_seed(points: list[tuple[str, int, float, float]], within: dict) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_seed: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    for _, seed, eta, loss in points:
-        by_seed[seed].append((math.log2(eta), loss))
-    xs, ys = [], []
-    for rows in by_seed.values():  # centre x and y within a seed, as the fit does
-        mx = sum(x for x, _ in rows) / len(rows)
-        my = sum(y for _, y in rows) / len(rows)
-        xs += [x - mx for x, _ in rows]
-        ys += [y - my for _, y in rows]
-    x_abs = [math.log2(e) for _, _, e, _ in points]
-    shift = sum(x_abs) / len(x_abs)
+    xs, ys = centred_within_seeds(points)
+    x_abs = np.log2([e for _, _, e, _ in points])
+    shift = float(x_abs.mean())  # the axis shows absolute log2 eta
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([x + shift for x in xs], ys, s=18, alpha=0.7, label="runs (seed mean removed)")
+    ax.scatter(xs + shift, ys, s=18, alpha=0.7, label="runs (seed mean removed)")
     grid = np.linspace(min(x_abs), max(x_abs), 20)
     ci = within["ci95"]
     ax.plot(grid, within["slope"] * (grid - shift), color="C1",
