@@ -241,8 +241,8 @@ def _micro_rows(run_cfg: RunConfig, env: DistEnv) -> int:
         raise TrainingError("train.freeze_backbone applies to a retrofitted Hugging Face "
                             "model (jtok train --init-from-hf DIR)")  # fmt: skip
     if tcfg.table_placement == "host" and env.world_size > 1:
-        raise TrainingError("train.table_placement=host trains on one process; several "
-                            "processes need the sharded store (not yet available)")  # fmt: skip
+        raise TrainingError("train.table_placement=host trains on one process; with "
+                            "several, split the tables: train.table_placement=sharded")
     micro_rows = tcfg.batch_size // (env.world_size * tcfg.grad_accum)
     if micro_rows * env.world_size * tcfg.grad_accum != tcfg.batch_size:
         raise TrainingError(
