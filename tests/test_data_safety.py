@@ -451,3 +451,21 @@ def test_paths_with_spaces_and_unicode_work(tmp_path, capsys):
     assert verify_data_dir(out)["sources"][0]["path"] == str(folder / "café notes.txt")
     code, _, _ = prepare_cli(capsys, folder / "*.txt", "--out", out, "--overwrite")
     assert code == 0 and siblings(out) == ["café notes.txt", "out dir ü"]
+
+
+def test_a_run_keeps_validating_on_the_data_it_opened_when_the_directory_is_replaced(tmp_path):
+    """`jtok data prepare --overwrite` during a run must not swap the run's validation text
+    (the trainer opens the val split once, `open_validation`)."""
+    from jtok.training.evaluate import open_validation
+
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text(TEXT)
+    second.write_text(TEXT.replace("fox", "cat").upper())
+    out = tmp_path / "data"
+    run_prepare([first], out, val_fraction=0.2)
+    tokens, split_info = open_validation(out)
+    before = np.array(tokens)
+    run_prepare([second], out, val_fraction=0.3, overwrite=True)
+    assert not np.array_equal(np.array(open_split(out, "val")), before)  # the new data differs
+    assert np.array_equal(np.array(tokens), before)  # what the run opened does not
+    assert split_info["tokens"] == len(before)  # and its manifest entry is the old one

@@ -158,6 +158,39 @@ def test_divergence_stops_before_a_bad_checkpoint(tiny_data, tmp_path, monkeypat
     assert max(float(p.abs().max()) for p in model.parameters()) < 100
 
 
+def test_an_explosion_in_the_first_steps_stops_training(tiny_data, tmp_path, monkeypatch):
+    """Before a median of 20 steps exists, the lowest loss so far is the reference: a loss
+    that jumps 100x at the third step stops the run there, with nothing saved."""
+    import jtok.training.loop as train_module
+
+    real_loss, calls = train_module.lm_loss, {"n": 0}
+
+    def exploding(model, x, y, *rest):
+        calls["n"] += 1
+        loss, out = real_loss(model, x, y, *rest)
+        return (loss * 100 if calls["n"] > 2 else loss), out
+
+    monkeypatch.setattr(train_module, "lm_loss", exploding)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"exploded.*the lowest of the first 2 steps"):
+        train(tiny_run_config(tiny_data, steps=40, save_every=1, keep_checkpoints=1), run,
+              progress=False, log=lambda m: None)  # fmt: skip
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000002"]
+
+
+def test_early_descent_never_counts_as_an_explosion():
+    from jtok.training.divergence import DivergenceMonitor
+
+    monitor = DivergenceMonitor()
+    for loss in [7.0, 5.0, 2.5, 3.0, 2.4, 7.4]:  # rises back to 3.0: fine; 7.4 > 3 x 2.4
+        reason = monitor.check_loss(loss)
+        if loss == 7.4:
+            assert reason is not None and "3.1x 2.4" in reason
+        else:
+            assert reason is None
+            monitor.check_gradient(loss, 1.0)
+
+
 def test_rotation_keeps_the_newest_healthy_checkpoint(tmp_path):
     from conftest import tiny_model
 

@@ -2,10 +2,13 @@
 
 Three signs, checked every step before the optimizer step and any save:
 - the loss is not finite (NaN / Inf);
-- the loss explodes: above EXPLODE_FACTOR x the median of the last WINDOW steps' losses
-  (after MIN_HISTORY steps, so the fast early descent never trips it). A run whose loss is
-  huge but finite for a few steps grows its weights by orders of magnitude (1e15 was seen)
-  before it turns NaN; a checkpoint from those steps is no restart point;
+- the loss explodes: above EXPLODE_FACTOR x the median of the last WINDOW steps' losses,
+  or, in the first MIN_HISTORY steps, EXPLODE_FACTOR x the lowest loss so far (the fast
+  early descent only lowers it, and a median of a few early steps would take the explosion
+  in: a run whose loss jumped from 5.7 to 587 at its second step was otherwise never
+  flagged). A run whose loss is huge but finite for a few steps grows its weights by
+  orders of magnitude (1e15 was seen) before it turns NaN; a checkpoint from those steps is
+  no restart point;
 - the gradient norm is zero while the loss is not, for ZERO_GRAD_STEPS steps in a row (a
   dead network: nothing will change any more).
 
@@ -33,17 +36,23 @@ class DivergenceMonitor:
         self.zero_grad_run = 0
         self.last_loss = math.nan
 
-    def _median(self) -> float | None:
-        return statistics.median(self.losses) if len(self.losses) >= MIN_HISTORY else None
+    def _reference(self) -> tuple[float, str] | None:
+        """(the loss a new one is compared with, what it is), or None before any step."""
+        if len(self.losses) >= MIN_HISTORY:
+            return statistics.median(self.losses), f"the median of the last {len(self.losses)}"
+        if self.losses:
+            return min(self.losses), f"the lowest of the first {len(self.losses)}"
+        return None
 
     def check_loss(self, loss: float) -> str | None:
         """Why training must stop at this loss, or None. Call before backward's step."""
         if not math.isfinite(loss):
             return f"the loss became {loss}"
-        median = self._median()
-        if median is not None and loss > EXPLODE_FACTOR * median:
-            return (f"the loss exploded to {loss:.4g} ({loss / median:.1f}x the median "
-                    f"{median:.4g} of the last {len(self.losses)} steps)")
+        found = self._reference()
+        if found is not None and found[0] > 0 and loss > EXPLODE_FACTOR * found[0]:
+            reference, what = found
+            return (f"the loss exploded to {loss:.4g} ({loss / reference:.1f}x {reference:.4g},"
+                    f" {what} steps' losses)")
         return None
 
     def check_gradient(self, loss: float, grad_norm: float) -> str | None:
@@ -60,7 +69,9 @@ class DivergenceMonitor:
 
     def healthy(self) -> bool:
         """Whether a checkpoint saved now is a good restart point (loss-wise)."""
-        median = self._median()
+        # Against the median only: early losses fall fast and unevenly, and an early
+        # explosion already stops the run (check_loss) before anything is saved.
+        median = statistics.median(self.losses) if len(self.losses) >= MIN_HISTORY else None
         return math.isfinite(self.last_loss) and (
             median is None or self.last_loss <= HEALTHY_FACTOR * median)
 

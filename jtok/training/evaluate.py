@@ -63,20 +63,30 @@ def loss_report(loss_sum: float, tokens: int, text_bytes: float, text_tokens: in
     }
 
 
+def open_validation(data_dir, split: str = "val"):
+    """(the split's ids, memory-mapped, and its manifest entry), read once: a mapping holds
+    the file it opened even after `jtok data prepare --overwrite` replaces the directory."""
+    split_info = data.load_manifest(data_dir)["splits"][split]
+    return data.open_split(data_dir, split), split_info
+
+
 def validation(model, run_cfg: RunConfig, device, split: str = "val",
-               max_tokens: int | None = None, data_dir=None) -> dict:  # fmt: skip
+               max_tokens: int | None = None, data_dir=None, opened=None) -> dict:  # fmt: skip
     """Validation loss / ppl / bpb over (the first max_tokens of) a prepared split.
 
     Bits per byte need the bytes of the evaluated text: the manifest records them per
     split (see `loss_report` for a prefix). `data_dir` defaults to ``train.data``.
+    `opened` = (tokens, split's manifest entry), from `open_validation`: what the trainer
+    evaluates on at every eval, so that a data directory prepared again in its place during
+    the run cannot swap the validation text under it.
     """
     train = run_cfg.train
-    data_dir = data_dir if data_dir is not None else train.data
-    manifest = data.load_manifest(data_dir)
-    split_info = manifest["splits"][split]
+    if opened is None:
+        opened = open_validation(data_dir if data_dir is not None else train.data, split)
+    tokens, split_info = opened
     result = evaluate(
         model,
-        data.eval_batches(data_dir, split, train.seq_len, train.batch_size, max_tokens),
+        data.eval_batches(tokens, split, train.seq_len, train.batch_size, max_tokens),
         device, train.precision,
     )  # fmt: skip
     return loss_report(result["loss_sum"], result["tokens"], split_info["bytes"],

@@ -59,6 +59,7 @@ from jtok.training.evaluate import (  # noqa: F401  (re-exported)
     evaluate,
     lm_loss,
     loss_report,
+    open_validation,
     validation,
 )
 from jtok.training.metrics import MetricsLog
@@ -301,6 +302,7 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
     forward = torch.compile(wrapped) if tcfg.compile else wrapped
     data_dir = str(plan.data_dir)
     batches = data.TokenBatches(data_dir, "train", tcfg.seq_len, tcfg.batch_size, tcfg.seed)
+    val_split = open_validation(data_dir)  # both splits opened now, used all run long
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     meta = {"tokenizer_sha256": plan.manifest.get("tokenizer_sha256"),
             "config": run_cfg.to_dict()}  # fmt: skip
@@ -333,7 +335,7 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
 
     def validate(step: int) -> dict:
         report = validation(model, run_cfg, env.device, max_tokens=tcfg.eval_tokens,
-                            data_dir=data_dir)  # fmt: skip
+                            opened=val_split)  # fmt: skip
         record = {"step": step, **{f"val_{k}": v for k, v in report.items()}}
         metrics.write(record)
         return record
