@@ -250,6 +250,34 @@ def test_filter_and_choice_match_the_row_by_row_reference(top_k, top_p):
     assert choose_next(logits, 0.0).tolist() == logits.argmax(-1).tolist()
 
 
+def test_a_tiny_temperature_samples_the_argmax_not_the_last_id():
+    """logits / 1e-40 overflowed to inf in float32 and the NaN softmax picked id V-1."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 50, generator=gen) * 3
+    for temperature in (1e-37, 1e-40, 1e-300, 5e-324):
+        for top_k, top_p in [(0, 1.0), (5, 0.9)]:
+            chosen = choose_next(logits, temperature, top_k, top_p, seed=1, rows=[0, 1, 2, 3])
+            assert chosen.tolist() == logits.argmax(-1).tolist(), temperature
+
+
+def test_non_finite_logits_at_any_step_are_an_error_not_ids(trained_run, monkeypatch):
+    model = load(trained_run("dense-jtokm"))
+    real_forward, calls = model.forward, {"n": 0}
+
+    def nan_from_the_third_call(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            out.logits[1:2, -1, 7] = float("nan")  # one row, one logit, after two steps
+        return out
+
+    monkeypatch.setattr(model, "forward", nan_from_the_third_call)
+    for temperature in (0.0, 0.7):
+        calls["n"] = 0
+        with pytest.raises(GenerationError, match="not finite.*generated token 3"):
+            generate_batch(model, [[1, 2], [3, 4, 5]], max_new_tokens=6, temperature=temperature)
+
+
 def test_sampling_follows_the_distribution_and_never_picks_a_filtered_token():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
     logits = probs.clamp_min(1e-30).log().expand(20000, -1)

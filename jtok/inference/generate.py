@@ -130,17 +130,20 @@ def _generate_rows(model: JTokModel, forward, prompts: list[Sequence[int]], rows
     host_fetch = store is not None and hasattr(store, "fetch")
 
     logits_BV = forward(ids.to(device), cache=cache).logits[:, -1]
-    if not bool(torch.isfinite(logits_BV).all()):
-        # A diverged checkpoint: its "completions" would be noise, not a result.
-        raise GenerationError("the model's logits are not finite (NaN or Inf): the checkpoint "
-                              "has diverged")  # fmt: skip
     out: list[list[int]] = [[] for _ in prompts]
     running = list(range(len(prompts)))  # batch rows of the cache, in order
     step = 0
     while True:
         chosen_B = choose_next(logits_BV, temperature, top_k, top_p, seed,
                                [rows[b] for b in running], step)  # fmt: skip
-        chosen = chosen_B.tolist()  # the one sync per step: stop checks need the ids
+        # A row with a NaN or Inf logit reads -1, checked with the ids in the one sync per
+        # step (stop checks need the ids): from a diverged checkpoint, at the prompt or any
+        # later step, "completions" would be noise, not a result.
+        chosen_B = torch.where(torch.isfinite(logits_BV).all(-1), chosen_B, -1)
+        chosen = chosen_B.tolist()
+        if -1 in chosen:
+            raise GenerationError(f"the model's logits are not finite (NaN or Inf) at "
+                                  f"generated token {step + 1}: the checkpoint has diverged")
         keep = []
         for j, b in enumerate(running):
             out[b].append(chosen[j])
