@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -98,3 +99,45 @@ def test_output_into_a_closed_pipe_ends_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait() == 141
     assert "Traceback" not in err and "Exception ignored" not in err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_output_onto_a_full_disk_is_one_line():
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "jtok", "info", "--preset", "tiny"],
+                              stdout=full, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == "jtok info: error: No space left on device\n", done.stderr
+
+
+def test_environment_errors_are_one_line_and_defects_keep_their_traceback(capsys):
+    import errno
+
+    def fails_with(number):
+        def handler(args):
+            raise OSError(number, os.strerror(number), "/some/file")
+        return handler
+
+    for number in (errno.ENOSPC, errno.EACCES, errno.EROFS):
+        assert main_with_handler(fails_with(number)) == 2
+        assert capsys.readouterr().err == f"jtok info: error: {os.strerror(number)}: /some/file\n"
+    with pytest.raises(FileNotFoundError):  # a missing file the code did not check: a defect
+        main_with_handler(fails_with(errno.ENOENT))
+
+
+def main_with_handler(handler):
+    """`jtok info --preset tiny` with its handler replaced."""
+    import jtok.cli as cli
+
+    real = cli.build_parser
+
+    def parser_with_handler():
+        parser = real()
+        parser._subparsers._group_actions[0].choices["info"].set_defaults(handler=handler)
+        return parser
+
+    cli.build_parser = parser_with_handler
+    try:
+        return cli.main(["info", "--preset", "tiny"])
+    finally:
+        cli.build_parser = real

@@ -60,6 +60,44 @@ def test_refused_resume_changes_nothing_and_names_the_field(trained_run, capsys)
     assert resume(trained_run) == 0  # and a plain resume still works afterwards
 
 
+def test_a_checkpoints_path_that_is_a_file_is_refused_before_anything_changes(trained_run,
+                                                                             capsys):
+    """It used to read as "no checkpoint yet": the resume restarted at step 0 and emptied
+    metrics.jsonl, then failed at its first save."""
+    import shutil
+
+    shutil.rmtree(trained_run / "checkpoints")
+    (trained_run / "checkpoints").write_text("not a folder")
+    before = tree_hashes(trained_run)
+    capsys.readouterr()
+    one_line_error(capsys, resume(trained_run), "checkpoints exists and is not a directory")
+    assert tree_hashes(trained_run) == before
+
+
+def test_a_failed_save_is_one_line_and_leaves_no_partial_checkpoint(tiny_data, tmp_path,
+                                                                    monkeypatch, capsys):
+    import errno
+
+    def disk_full(folder, *args, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.safetensors"))
+
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(tiny_data), "--set", "steps=4",
+                 "--set", "save_every=2", "--set", "batch_size=4", "--set", "seq_len=32",
+                 "--no-progress", "--out", str(run)]) == 0  # fmt: skip
+    monkeypatch.setattr(ckpt, "_write_checkpoint_files", disk_full)
+    capsys.readouterr()
+    code = resume(run, "--set", "steps=6", "--allow-change", "steps")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]  # after the resume's own notes
+    assert last.startswith("jtok train: error: saving the checkpoint of step 6 failed (No "
+                           "space left on device") and last.endswith("step_00000004"), last
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002",
+                                                                       "step_00000004"]
+
+
 def test_allowed_change_is_applied_for_real_and_recorded(trained_run, capsys):
     # The WSD run had decayed: a longer run would jump the LR, so that is refused too.
     one_line_error(capsys, resume(trained_run, "--set", "lr=1e-2", "--set", "steps=10",

@@ -160,6 +160,21 @@ def check_out_dir(run_dir: Path) -> None:
         raise RunDirError(f"--out {run_dir}: {parent} is not writable")
 
 
+def _check_checkpoint_dir(run_dir: Path, resume: bool) -> None:
+    """The checkpoints folder must be a writable directory (or absent) before training
+    starts: a file there read as "no checkpoint yet" (and a resume then started over at
+    step 0), and a read-only folder failed only at the first save."""
+    root = run_dir / CHECKPOINT_DIR
+    if not (root.exists() or root.is_symlink()):
+        return
+    if not root.is_dir():
+        raise RunDirError(f"{root} exists and is not a directory"
+                          + ("" if resume else "; --overwrite would delete it"))
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise RunDirError(f"{root} is not writable: checkpoints could not be saved"
+                          + ("" if resume else " or deleted"))
+
+
 def _refuse_data_overlap(run_dir: Path, train_data: str) -> None:
     """A run directory may not be, contain or sit inside its data directory: --overwrite
     would delete the data's files, and a run's files would land among them."""
@@ -226,6 +241,7 @@ def plan_start(run_dir: Path | str, run_cfg: RunConfig, *, resume: bool = False,
     run_dir = Path(run_dir)
     check_out_dir(run_dir)
     _refuse_data_overlap(run_dir, run_cfg.train.data)
+    _check_checkpoint_dir(run_dir, resume)
     if not resume:
         present = _outputs_present(run_dir)
         if present and not overwrite:

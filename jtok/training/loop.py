@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 
 from jtok import data
@@ -68,6 +69,10 @@ from jtok.training.optim import Optimizers, lr_factor
 
 class TrainingError(JTokError):
     """A run cannot go on (diverged loss, ...)."""
+
+
+# safetensors reports a failed write (e.g. no space left) as its own error type.
+_SafetensorError = getattr(safetensors, "SafetensorError", OSError)
 
 
 def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float,
@@ -313,6 +318,17 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
                              f"checkpoint: {good or 'none'}. Try a lower train.lr.")  # fmt: skip
 
     def save(step: int) -> None:
+        try:
+            write_checkpoint(step)
+        except (OSError, _SafetensorError) as err:  # a full disk, a folder made read-only
+            # The checkpoint's temporary folder is gone (checkpoint.save_checkpoint).
+            detail = getattr(err, "strerror", None) or str(err).splitlines()[0]
+            where = f": {err.filename}" if getattr(err, "filename", None) else ""
+            previous = ckpt.latest_checkpoint(run_dir) or "step 0"
+            raise TrainingError(f"saving the checkpoint of step {step} failed ({detail}{where});"
+                                f" --resume continues from {previous}") from None
+
+    def write_checkpoint(step: int) -> None:
         if not _weights_finite(model, env):
             raise stop("the weights are no longer finite", step)
         meta_now = {**meta, "tokens": step * tokens_per_step, "healthy": monitor.healthy(),
