@@ -177,6 +177,10 @@ def test_cli_tasks_json_gives_the_hand_computed_accuracy(run_dir, loaded, tmp_pa
     assert (out_dir / "results.json").is_file()
     table = (out_dir / "results.md").read_text()
     assert f"| {TASK} | test | {len(ITEMS)} |" in table
+    (out_dir / "results.md").write_text("stale")
+    code = main(["eval", "--run", str(run_dir), "--tasks", TASK, "--include-path",
+                 str(tmp_path), "--json", "--out", str(out_dir), "--overwrite"])  # fmt: skip
+    assert code == 0 and (out_dir / "results.md").read_text() == table
 
 
 def test_cli_tasks_mistakes_are_one_line(run_dir, tmp_path, capsys):
@@ -187,6 +191,31 @@ def test_cli_tasks_mistakes_are_one_line(run_dir, tmp_path, capsys):
     code = main(["eval", "--run", str(run_dir), "--limit", "3"])
     err = capsys.readouterr().err
     assert code == 2 and "--tasks only" in err
+    # Flags the chosen evaluation would ignore, and an --out that would lose results, are
+    # refused before anything is scored.
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "results.json").write_text("{}")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    run, tasks = ["--run", str(run_dir)], ["--tasks", TASK, "--include-path", str(tmp_path)]
+    for argv, message in [
+        ([*run, *tasks, "--split", "train"], "(got --split)"),
+        ([*run, *tasks, "--out", str(earlier)], "already holds results.json"),
+        ([*run, *tasks, "--out", str(a_file)], "exists and is not a folder"),
+        ([*run, "--tasks", TASK, "--include-path", str(a_file)], "no such folder"),
+        ([*run, "--batch-size", "4"], "--batch-size applies to --tasks only"),
+        ([*run, "--verbose"], "--verbose applies to --tasks only"),
+        (["--compare", str(run_dir), str(run_dir), *tasks, "--checkpoint", str(tmp_path)],
+         "excludes --checkpoint"),
+        (["--compare", str(run_dir), str(run_dir), *tasks, "--max-tokens", "5"],
+         "excludes --max-tokens"),
+    ]:
+        code = main(["eval", *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.splitlines()) == 1, (argv, err)
+    assert (earlier / "results.json").read_text() == "{}"
+    assert a_file.read_text() == "x"
 
 
 def test_missing_benchmark_wheel_is_one_line(tmp_path):

@@ -104,13 +104,15 @@ def _check_run_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--checkpoint {args.checkpoint}: no such checkpoint folder")
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from jtok import data
-    from jtok.parallel.distributed import resolve_device
-    from jtok.run.files import TOKENIZER_FILE
-    from jtok.run.rundir import load_run, resolve_data_dir, saved_run_config
-    from jtok.training.evaluate import evaluate, loss_report, validation
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """The flags among `names` (attribute names) the command line set."""
+    flags = {"include_path": "--include-path", "num_fewshot": "--num-fewshot",
+             "max_tokens": "--max-tokens", "batch_size": "--batch-size"}  # fmt: skip
+    return [flags.get(n, "--" + n) for n in names if getattr(args, n) not in (None, False)]
 
+
+def _check_eval_flags(args: argparse.Namespace) -> None:
+    """Refuse flags the chosen kind of evaluation would ignore, before anything runs."""
     if (args.run is None) == (args.compare is None):
         raise UsageError("give --run RUN, or --compare RUN1 RUN2 ... with --tasks")
     if args.compare is not None:
@@ -118,22 +120,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UsageError("--compare needs --tasks")
         if len(args.compare) < 2:
             raise UsageError("--compare needs two runs or more")
+        ignored = _given(args, ("checkpoint", "text", "split", "data", "max_tokens"))
+        if ignored:
+            raise UsageError(f"--compare scores each run's latest checkpoint on the tasks; "
+                             f"it excludes {ignored[0]}")  # fmt: skip
+    if args.tasks is not None:
+        ignored = _given(args, ("text", "split", "data", "max_tokens"))
+        if ignored:
+            raise UsageError(f"--tasks excludes --text, --split, --data and --max-tokens "
+                             f"(got {ignored[0]})")  # fmt: skip
+        for path in args.include_path or []:
+            if not path.is_dir():
+                raise UsageError(f"--include-path {path}: no such folder")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise UsageError("--batch-size must be >= 1")
+        if args.out is not None:
+            from jtok.evaluation.harness import check_out_folder
+
+            check_out_folder(args.out, args.compare is not None, args.overwrite)
+    else:
+        only_tasks = _given(args, ("limit", "num_fewshot", "out", "include_path", "batch_size",
+                                   "verbose", "overwrite"))  # fmt: skip
+        if only_tasks:
+            raise UsageError(f"{only_tasks[0]} applies to --tasks only")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jtok import data
+    from jtok.parallel.distributed import resolve_device
+    from jtok.run.files import TOKENIZER_FILE
+    from jtok.run.rundir import load_run, resolve_data_dir, saved_run_config
+    from jtok.training.evaluate import evaluate, loss_report, validation
+
+    _check_eval_flags(args)
+    if args.compare is not None:
         for run in args.compare:
             if not run.is_dir():
                 raise UsageError(f"--compare {run}: no such run directory")
-        args.checkpoint = None  # each run's latest
         from jtok.evaluation.harness import run_tasks
 
-        return run_tasks(args)
+        return run_tasks(args)  # each run's latest checkpoint
     _check_run_arguments(args)
     if args.tasks is not None:  # downstream tasks with lm-evaluation-harness
-        if args.text is not None or args.max_tokens is not None or args.data is not None:
-            raise UsageError("--tasks excludes --text, --split, --data and --max-tokens")
         from jtok.evaluation.harness import run_tasks
 
         return run_tasks(args)
-    if args.limit is not None or args.num_fewshot is not None or args.out is not None:
-        raise UsageError("--limit, --num-fewshot and --out apply to --tasks only")
+    args.split = args.split if args.split is not None else "val"
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise UsageError("--max-tokens must be positive")
     if args.text is not None and not args.text.is_file():
@@ -248,7 +280,7 @@ def register(sub) -> None:
     ev.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: latest)")
     source = ev.add_mutually_exclusive_group()
     source.add_argument("--text", type=Path, help="a UTF-8 text file to evaluate on")
-    source.add_argument("--split", default="val", help="a split of the run's data")
+    source.add_argument("--split", help="a split of the run's data (default: val)")
     ev.add_argument("--data", type=Path, help="the run's data directory, if it moved")
     ev.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
     ev.add_argument("--table-placement", choices=["device", "host"], default="device",
@@ -261,8 +293,10 @@ def register(sub) -> None:
                     help="with --tasks: write results.json (lm-eval's) and results.md here")
     ev.add_argument("--include-path", type=Path, action="append",
                     help="with --tasks: a folder of lm-eval task YAMLs (repeatable)")
-    ev.add_argument("--batch-size", type=int, default=16,
+    ev.add_argument("--batch-size", type=int,
                     help="with --tasks: sequences per forward (default 16)")
+    ev.add_argument("--overwrite", action="store_true",
+                    help="with --tasks --out: replace the results files already there")
     ev.add_argument("--verbose", action="store_true", help="with --tasks: lm-eval's logging")
     ev.set_defaults(handler=cmd_eval)
 

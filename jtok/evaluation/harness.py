@@ -88,6 +88,33 @@ def markdown_table(table: dict[str, dict[str, Any]], step: int | None, run: str)
     return "\n".join(lines) + "\n"
 
 
+RESULT_FILES = ("results.json", "results.md")  # `jtok eval --tasks --out DIR`
+COMPARE_FILES = ("compare.json", "compare.md")  # `jtok eval --compare ... --out DIR`
+
+
+def check_out_folder(out: Path, compare: bool, overwrite: bool) -> None:
+    """Before any scoring: `out` is a folder (or can be made) where the results may be
+    written; earlier results there are kept unless `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise HarnessError(f"--out {out} exists and is not a folder")
+    parent = out if out.exists() else next(p for p in out.parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise HarnessError(f"--out {out}: {parent} is not a writable folder")
+    present = [name for name in (COMPARE_FILES if compare else RESULT_FILES)
+               if (out / name).exists()]  # fmt: skip
+    if present and not overwrite:
+        raise HarnessError(f"--out {out} already holds {present[0]}; use another folder or "
+                           "--overwrite to replace it")  # fmt: skip
+
+
+def _write_results(out: Path, names: tuple[str, str], record: dict, markdown: str) -> None:
+    from jtok.io import write_json_atomic, write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / names[0], record)
+    write_text_atomic(out / names[1], markdown)
+
+
 def run_tasks(args) -> int:
     """The body of `jtok eval --tasks` (args from jtok.cli.run's eval parser)."""
     from jtok.evaluation import require_lm_eval
@@ -99,10 +126,7 @@ def run_tasks(args) -> int:
         raise HarnessError("--limit must be positive")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise HarnessError("--num-fewshot must be >= 0")
-    include = [Path(p) for p in args.include_path or []]
-    for path in include:
-        if not path.exists():
-            raise HarnessError(f"--include-path {path}: no such file or folder")
+    include = [Path(p) for p in args.include_path or []]  # folders (checked by jtok.cli.run)
     try:
         require_lm_eval()
     except ImportError as err:
@@ -145,7 +169,7 @@ def _score(args, run, names: list[str], manager, log_samples: bool = False):
     from jtok.evaluation.lm_eval_model import JTokLM
 
     model = JTokLM(run=run, checkpoint=args.checkpoint, table_placement=args.table_placement,
-                   batch_size=args.batch_size)  # fmt: skip
+                   batch_size=args.batch_size or 16)  # fmt: skip
     results = lm_eval.simple_evaluate(model=model, tasks=names, num_fewshot=args.num_fewshot,
                                       limit=args.limit, task_manager=manager,
                                       log_samples=log_samples, bootstrap_iters=1000,
@@ -235,11 +259,7 @@ def _compare(args, names: list[str], include: list[Path]) -> int:
               "limit": args.limit, "num_fewshot": args.num_fewshot, "tasks": rows}
     markdown = _compare_table(rows, args.compare)
     if args.out is not None:
-        from jtok.io import write_json_atomic
-
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.out / "compare.json", record)
-        (args.out / "compare.md").write_text(markdown)
+        _write_results(args.out, COMPARE_FILES, record, markdown)
     if args.json:
         print(json.dumps(record))
     else:
@@ -276,13 +296,13 @@ def _evaluate(args, names: list[str], include: list[Path]) -> int:
     table = summarize(results, splits)
     markdown = markdown_table(table, step, str(args.run))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
         record = {k: v for k, v in results.items() if k in
                   ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
                    "higher_is_better", "n-samples", "config")}  # fmt: skip
         record["jtok"] = {"run": str(args.run), "step": step, "splits": splits}
-        (args.out / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        (args.out / "results.md").write_text(markdown)
+        # Through JSON text first: lm-eval's record holds objects json cannot write.
+        record = json.loads(json.dumps(record, default=str))
+        _write_results(args.out, RESULT_FILES, record, markdown)
     if args.json:
         print(json.dumps({"run": str(args.run), "step": step, "tasks": table}))
     else:
