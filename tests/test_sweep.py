@@ -282,3 +282,33 @@ def test_malformed_specs_give_one_line_and_write_nothing(tiny_data, tmp_path, ca
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_out_must_be_this_studys_folder(tiny_data, tmp_path, capsys):
+    """A sweep writes only into a new or empty folder or its own study's; `jtok train`
+    never trains into a sweep's or a data folder."""
+    path = write_spec(tmp_path, spec_dict(tiny_data))
+    other_study = tmp_path / "other"
+    other_study.mkdir()
+    (other_study / "spec.json").write_text(json.dumps({"name": "another"}))
+    a_run = tmp_path / "a_run"
+    a_run.mkdir()
+    (a_run / "run.json").write_text("{}")
+    for out, message in [(tiny_data, "holds prepared data (manifest.json)"),
+                         (a_run, "holds a run (run.json)"),
+                         (other_study, "holds the study 'another', not 'test'")]:
+        before = sorted(p.name for p in out.iterdir())
+        assert main(["sweep", str(path), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err
+        assert sorted(p.name for p in out.iterdir()) == before
+    assert json.loads((other_study / "spec.json").read_text()) == {"name": "another"}
+    import shutil
+
+    other_data = tmp_path / "other_data"
+    shutil.copytree(tiny_data, other_data)
+    for out, what in [(other_study, "a sweep (spec.json)"), (other_data, "prepared data")]:
+        code = main(["train", "--preset", "tiny", "--data", str(tiny_data), "--out", str(out),
+                     "--overwrite", "--no-progress"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and what in err, err

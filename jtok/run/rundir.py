@@ -41,6 +41,7 @@ from jtok.run.files import (
     RETROFIT_RECORD_KEY,
     RUN_INFO_FILE,
     RUN_OUTPUTS,
+    SPEC_COPY_FILE,
     TOKENIZER_FILE,
 )
 from jtok.run.resume import Change, classify_changes
@@ -135,6 +136,11 @@ def _refuse_overwrite_of_a_non_run(run_dir: Path, present: list[str]) -> None:
     """--overwrite deletes a run's own outputs (other files stay). Files of those names in a
     directory that holds no run (no run.json, the first file every start writes), or
     anything but checkpoint folders under checkpoints/, are someone else's: refuse."""
+    foreign = {SPEC_COPY_FILE: "a sweep", data.MANIFEST_FILE: "prepared data"}
+    for name, what in foreign.items():
+        if name in present and RUN_INFO_FILE not in present:
+            raise RunDirError(f"--out {run_dir} holds {what} ({name}); give the run a "
+                              "directory of its own")  # fmt: skip
     ours = [name for name in present if name in RUN_OUTPUTS]
     if ours and RUN_INFO_FILE not in present:
         raise RunDirError(f"--out {run_dir} holds {ours[0]!r} but no {RUN_INFO_FILE}, so it is "

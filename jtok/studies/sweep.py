@@ -28,11 +28,11 @@ import torch
 from jtok import data
 from jtok.config_file import load_mapping
 from jtok.flops import summarize
-from jtok.io import append_jsonl, read_jsonl, write_json_atomic
+from jtok.io import append_jsonl, read_json, read_jsonl, write_json_atomic
 from jtok.parallel.distributed import resolve_device
 from jtok.parallel.resources import check_memory
 from jtok.run.checkpoint import latest_checkpoint
-from jtok.run.files import RESULTS_FILE, SPEC_COPY_FILE
+from jtok.run.files import CONFIG_FILE, RESULTS_FILE, RUN_INFO_FILE, SPEC_COPY_FILE
 from jtok.run.lock import try_lock, unlock
 from jtok.run.rundir import (
     check_out_dir,
@@ -197,10 +197,33 @@ def select_runs(runs: list[PlannedRun], shard: tuple[int, int],
     return mine
 
 
-def preflight(runs: list[PlannedRun], out: Path) -> None:
+def check_study_dir(out: Path, spec: dict) -> None:
+    """--out may not be a run's or a prepared data folder (a sweep's files would land among
+    theirs), nor hold another study: a spec.json of another `name:` (its results.jsonl
+    would mix both). The same study's spec may change (a grid grows between sessions):
+    each run's config is checked against its record (`_check_recorded`). Other files (the
+    spec itself, notes, a report) may sit beside the study."""
+    if not out.is_dir():
+        return
+    for name, what in ((data.MANIFEST_FILE, "prepared data"), (RUN_INFO_FILE, "a run"),
+                       (CONFIG_FILE, "a run")):  # fmt: skip
+        if (out / name).exists():
+            raise SweepError(f"--out {out} holds {what} ({name}); give the study a folder of "
+                             "its own")  # fmt: skip
+    if (out / SPEC_COPY_FILE).exists():
+        recorded = read_json(out / SPEC_COPY_FILE, "the study's spec copy")
+        before = recorded.get("name") if isinstance(recorded, dict) else None
+        if before != spec.get("name"):
+            raise SweepError(f"--out {out} holds the study {before!r}, not "
+                             f"{spec.get('name')!r}; give each study a folder of its own")
+
+
+def preflight(runs: list[PlannedRun], out: Path, spec: dict | None = None) -> None:
     """Check, before anything is written or trained, what would stop a run later: the
     output path, every data directory, every device, and every run's memory needs."""
     check_out_dir(out)
+    if spec is not None:
+        check_study_dir(out, spec)
     for data_dir in dict.fromkeys(r.config.train.data for r in runs):
         data.verify_data_dir(data_dir)
     for run in runs:
@@ -221,7 +244,7 @@ def run_sweep(
     if dry_run:
         return mine
     out = Path(out)
-    preflight(mine, out)
+    preflight(mine, out, spec)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
