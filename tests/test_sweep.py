@@ -312,3 +312,21 @@ def test_out_must_be_this_studys_folder(tiny_data, tmp_path, capsys):
                      "--overwrite", "--no-progress"])  # fmt: skip
         err = capsys.readouterr().err
         assert code == 2 and what in err, err
+
+
+def test_a_preset_vocabulary_follows_the_data_in_config_train_and_sweeps(tiny_data, tmp_path,
+                                                                         capsys):
+    """The tiny preset has V 512, the tiny data's tokenizer 320: `jtok config` shows the
+    320 that `jtok train` uses, and a sweep's base.preset plans with it too."""
+    assert main(["config", "--preset", "tiny", "--set", f"data={tiny_data}"]) == 0
+    assert "model.vocab_size = 320" in capsys.readouterr().out.splitlines()
+    assert main(["config", "--preset", "tiny", "--set", f"data={tiny_data}",
+                 "--set", "vocab_size=400"]) == 0  # fmt: skip
+    assert "model.vocab_size = 400" in capsys.readouterr().out.splitlines()
+    spec = spec_dict(tiny_data)
+    del spec["base"]["model"]["vocab_size"]
+    assert {r.config.model.vocab_size for r in plan(spec)} == {320}
+    code = main(["train", "--preset", "tiny", "--data", str(tiny_data), "--set",
+                 f"data={tmp_path}", "--out", str(tmp_path / "run")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "disagree" in err and not (tmp_path / "run").exists(), err

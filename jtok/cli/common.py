@@ -104,3 +104,16 @@ def run_override_key(key: str) -> str:
     if head in ModelConfig.__dataclass_fields__:
         return f"model.{key}"
     raise unknown_key_error(RunConfig, key)
+
+
+def preset_for(name: str, overrides: dict[str, str]) -> ModelConfig:
+    """Preset `name`, whose vocab_size follows the data's tokenizer (train.data among the
+    dotted `overrides`) unless model.vocab_size is set: what `jtok train` builds, and
+    `jtok config` shows."""
+    model = preset(name)
+    if "model.vocab_size" not in overrides and overrides.get("train.data"):
+        from jtok.data import load_manifest
+
+        model = model.with_overrides({"vocab_size": int(load_manifest(overrides["train.data"])
+                                                        ["vocab_size"])})  # fmt: skip
+    return model

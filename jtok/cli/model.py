@@ -12,6 +12,7 @@ from jtok.cli.common import (
     nonnegative_int,
     parse_overrides,
     positive_int,
+    preset_for,
     resolve_model_config,
     run_override_key,
 )
@@ -106,11 +107,11 @@ def _serving_memory(cfg, table_placement: str, world_size: int = 1) -> dict:
 
 def resolve_config(args: argparse.Namespace):
     """The run config `jtok train` would start from with these --preset/--config/--set
-    (without --data): a preset's or a model config file's model with the trainer's
-    defaults (seq_len capped by the model's max_seq_len), or a run config file."""
+    (a preset's vocab_size follows the tokenizer of --set data=DIR, as in train): a
+    preset's or a model config file's model with the trainer's defaults (seq_len capped
+    by the model's max_seq_len), or a run config file."""
     from jtok.config import ModelConfig, RunConfig, TrainConfig
     from jtok.config_file import load_mapping
-    from jtok.presets import preset
 
     overrides = {run_override_key(k): v for k, v in parse_overrides(args.overrides).items()}
     if args.config is not None:
@@ -121,7 +122,7 @@ def resolve_config(args: argparse.Namespace):
             model = ModelConfig.from_dict(raw)
             base = RunConfig(model=model, train=TrainConfig(seq_len=_default_seq_len(raw)))
     elif args.preset is not None:
-        model = preset(args.preset)
+        model = preset_for(args.preset, overrides)
         base = RunConfig(model=model, train=TrainConfig(seq_len=_default_seq_len(model.to_dict())))
     else:
         raise UsageError("give --preset NAME or --config FILE")

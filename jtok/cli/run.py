@@ -7,10 +7,15 @@ import json
 import math
 from pathlib import Path
 
-from jtok.cli.common import UsageError, add_model_arguments, parse_overrides, run_override_key
+from jtok.cli.common import (
+    UsageError,
+    add_model_arguments,
+    parse_overrides,
+    preset_for,
+    run_override_key,
+)
 from jtok.config import ModelConfig
 from jtok.config_file import load_mapping
-from jtok.presets import preset
 
 
 def resolve_run_config(args: argparse.Namespace):
@@ -22,6 +27,9 @@ def resolve_run_config(args: argparse.Namespace):
         return _retrofit_run_config(args)
     overrides = {run_override_key(k): v for k, v in parse_overrides(args.overrides).items()}
     if args.data is not None:
+        if overrides.get("train.data", str(args.data)) != str(args.data):
+            raise UsageError(f"--data {args.data} and --set data={overrides['train.data']} "
+                             "disagree; give one")  # fmt: skip
         overrides["train.data"] = str(args.data)
     if args.resume:
         if args.config is not None or args.preset_given:
@@ -38,9 +46,7 @@ def resolve_run_config(args: argparse.Namespace):
         else:
             base = RunConfig(model=ModelConfig.from_dict(raw), train=_train_for(raw))
     else:
-        model = preset(args.preset or "small")
-        if "model.vocab_size" not in overrides and "train.data" in overrides:
-            model = model.with_overrides({"vocab_size": _data_vocab(overrides["train.data"])})
+        model = preset_for(args.preset or "small", overrides)
         base = RunConfig(model=model, train=_train_for(model.to_dict()))
     return base.with_overrides(overrides)
 
@@ -65,13 +71,6 @@ def _retrofit_run_config(args: argparse.Namespace):
     except ImportError as err:
         raise UsageError(f"--init-from-hf: {str(err).splitlines()[0]}") from None
     return init_run_config(args.init_from_hf, overrides)
-
-
-def _data_vocab(data_dir: str) -> int:
-    """A preset's vocab_size follows the data's tokenizer unless set explicitly."""
-    from jtok.data import load_manifest
-
-    return int(load_manifest(data_dir)["vocab_size"])
 
 
 def _train_for(model_dict: dict):

@@ -28,6 +28,7 @@ refused where the spec sets them, not silently replaced.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jtok.config import ConfigError, ModelConfig, RunConfig, TrainConfig, effective_dict
+from jtok.data import DataError, load_manifest
 from jtok.errors import JTokError
 from jtok.flops import count_flops
 from jtok.presets import preset
@@ -74,6 +76,13 @@ def _base_config(base: dict[str, Any]) -> RunConfig:
         if not isinstance(base.get(section, {}), dict):
             raise SweepError(f"sweep spec: base.{section} must be a mapping")
     model = preset(base["preset"]) if "preset" in base else ModelConfig()
+    data_dir = base.get("train", {}).get("data")
+    if "preset" in base and "vocab_size" not in base.get("model", {}) and data_dir:
+        # As in `jtok train --preset`: a preset's vocabulary follows the data's tokenizer.
+        # Missing data is reported by the sweep's preflight; the plan keeps the preset's.
+        with contextlib.suppress(DataError):
+            model = model.with_overrides(
+                {"vocab_size": int(load_manifest(str(data_dir))["vocab_size"])})
     model_dict = _deep_merge(model.to_dict(), base.get("model", {}))
     train_dict = _deep_merge(TrainConfig(seq_len=model.max_seq_len).to_dict(),
                              base.get("train", {}))  # fmt: skip
