@@ -98,6 +98,41 @@ def test_a_failed_save_is_one_line_and_leaves_no_partial_checkpoint(tiny_data, t
                                                                        "step_00000004"]
 
 
+def test_a_damaged_latest_checkpoint_is_an_error_not_a_silent_older_one(trained_run, capsys):
+    (trained_run / "checkpoints" / "step_00000008" / "state.json").unlink()
+    before = tree_hashes(trained_run)
+    capsys.readouterr()
+    for argv in (["eval", "--run", str(trained_run)],
+                 ["train", "--out", str(trained_run), "--resume", "--no-progress"]):
+        one_line_error(capsys, main(argv), "step_00000008 is damaged: it has no state.json",
+                       "the one before is step_00000004")
+    assert tree_hashes(trained_run) == before
+    # Explicitly asked for, the older checkpoint still loads.
+    assert main(["eval", "--run", str(trained_run), "--checkpoint",
+                 str(trained_run / "checkpoints" / "step_00000004")]) == 0  # fmt: skip
+
+
+def test_a_checkpoint_rotated_away_while_loading_is_replaced_by_the_new_latest(trained_run,
+                                                                               monkeypatch):
+    """A run still training deletes old checkpoints: `eval` reading the latest one as the
+    trainer saves a newer one and rotates it away reads the new latest instead."""
+    import shutil
+
+    real_validate, calls = ckpt.validate_checkpoint, {"n": 0}
+    newer = trained_run / "checkpoints" / "step_00000009"
+
+    def rotated_meanwhile(ckpt_dir, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the trainer saves step 9 and rotates step 8 away
+            shutil.copytree(ckpt_dir, newer)
+            shutil.rmtree(ckpt_dir)
+        return real_validate(ckpt_dir, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "validate_checkpoint", rotated_meanwhile)
+    _, model, state = load_run(trained_run)
+    assert calls["n"] == 2 and state["step"] == 8  # the copy of step 8 under step 9's name
+
+
 def test_allowed_change_is_applied_for_real_and_recorded(trained_run, capsys):
     # The WSD run had decayed: a longer run would jump the LR, so that is refused too.
     one_line_error(capsys, resume(trained_run, "--set", "lr=1e-2", "--set", "steps=10",
@@ -326,3 +361,32 @@ def test_run_json_records_the_numerics_of_every_start(trained_run, monkeypatch):
     starts = json.loads((trained_run / "run.json").read_text())["starts"]
     assert starts[0] == first[0]  # the first start's record is kept
     assert (starts[1]["step"], starts[1]["threads"]) == (4, 7)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "__0_0.distcp is truncated"),
+    ("delete", "__0_0.distcp is missing"),
+    ("scramble", "step_00000009 is damaged: "),
+    ("metadata", "its distributed checkpoint dcp/ has no .metadata"),
+])  # fmt: skip
+def test_a_damaged_distributed_checkpoint_is_one_line(trained_run, capsys, damage, message):
+    """A DCP checkpoint (written here by one process, as a launch's main process writes
+    it) with a damaged shard or metadata fails eval in one line, not DCP's traceback."""
+    from jtok.training.optim import Optimizers
+
+    run_cfg, model, state = load_run(trained_run)
+    ckpt.save_checkpoint_distributed(trained_run, 9, model, Optimizers(model, run_cfg.train),
+                                     {"config": run_cfg.to_dict()}, None, True, lambda: None)
+    folder = trained_run / "checkpoints" / "step_00000009" / "dcp"
+    shard = folder / "__0_0.distcp"
+    assert shard.is_file() and main(["eval", "--run", str(trained_run)]) == 0
+    capsys.readouterr()
+    if damage == "truncate":
+        os.truncate(shard, 100)
+    elif damage == "delete":
+        shard.unlink()
+    elif damage == "scramble":  # same size, other bytes
+        shard.write_bytes(bytes(255 - b for b in shard.read_bytes()))
+    else:
+        (folder / ".metadata").unlink()
+    one_line_error(capsys, main(["eval", "--run", str(trained_run)]), message)

@@ -57,7 +57,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint. A newer step folder without its state.json is a
+    damaged checkpoint (saves rename a complete folder into place): an error, never a
+    silent fall-back to an older step."""
     found = list_checkpoints(run_dir)
+    root = Path(run_dir) / CHECKPOINT_DIR
+    newest = max((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")),
+                 key=lambda p: p.name, default=None) if root.is_dir() else None  # fmt: skip
+    if newest is not None and (not found or newest.name > found[-1].name):
+        before = f"; the one before is {found[-1].name}" if found else ""
+        raise CheckpointError(f"checkpoint {newest} is damaged: it has no {STATE_FILE} (move "
+                              f"it aside to use an older one{before})")  # fmt: skip
     return found[-1] if found else None
 
 
@@ -91,8 +101,13 @@ def has_single_file(ckpt_dir: Path) -> bool:
 
 
 def _is_dcp(ckpt_dir: Path) -> bool:
-    from jtok.run.dcp import has_dcp
+    """Whether the checkpoint is read through DCP; a dcp/ folder without its .metadata is
+    an incomplete one (said so, rather than that model.safetensors is missing)."""
+    from jtok.run.dcp import DCP_DIR, has_dcp
 
+    if not has_dcp(ckpt_dir) and (Path(ckpt_dir) / DCP_DIR).is_dir():
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: its distributed checkpoint "
+                              f"{DCP_DIR}/ has no .metadata")  # fmt: skip
     return has_dcp(ckpt_dir)
 
 

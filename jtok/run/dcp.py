@@ -15,6 +15,8 @@ and ``optim/<optimizer index>/<parameter index>/<state key>``.
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,10 +82,24 @@ def save_dcp(folder: Path, model, optimizers) -> None:
 
 
 def read_shapes(ckpt_dir: Path) -> dict[str, tuple[int, ...]]:
-    """Names and global shapes of a DCP checkpoint's tensors (its metadata only)."""
+    """Names and global shapes of a DCP checkpoint's tensors, from its metadata, after
+    checking that every file the metadata points into is there and long enough (a
+    truncated or missing shard is found here, before anything is loaded or changed)."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    metadata = FileSystemReader(str(Path(ckpt_dir) / DCP_DIR)).read_metadata()
+    folder = Path(ckpt_dir) / DCP_DIR
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"its file {path} is missing")
+        if path.stat().st_size < size:
+            raise ValueError(f"its file {path} is truncated ({path.stat().st_size} bytes, "
+                             f"the metadata needs {size})")  # fmt: skip
     return {k: tuple(v.size) for k, v in metadata.state_dict_metadata.items()
             if hasattr(v, "size")}  # fmt: skip
 
@@ -119,8 +135,17 @@ def load_dcp(ckpt_dir: Path, model, optimizers=None, scalars: list[dict] | None 
                                      else torch.float32)  # fmt: skip
             targets[name] = target
             loaded.setdefault((int(i), int(pid)), {})[key] = target
+    from torch.distributed.checkpoint.api import CheckpointException
+
     no_dist = not (dist.is_available() and dist.is_initialized())
-    dcp.load(targets, checkpoint_id=str(Path(ckpt_dir) / DCP_DIR), no_dist=no_dist)
+    try:
+        with warnings.catch_warnings():  # one process reading a checkpoint is what we mean
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(targets, checkpoint_id=str(Path(ckpt_dir) / DCP_DIR), no_dist=no_dist)
+    except (Exception, CheckpointException) as err:  # (a BaseException) damaged contents
+        from jtok.run.checkpoint import CheckpointError
+
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {_cause(err)}") from None
     if optimizers is None:
         return
     states = []
@@ -137,3 +162,13 @@ def load_dcp(ckpt_dir: Path, model, optimizers=None, scalars: list[dict] | None 
         states.append({"state": per_param,
                        "param_groups": rest.get("param_groups", opt.state_dict()["param_groups"])})
     optimizers.load_state_dict(states)
+
+
+def _cause(err: BaseException) -> str:
+    """The line naming the error: CheckpointException's text is a per-rank traceback whose
+    error line ("RuntimeError: ...") may be followed by advice lines."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b", line)
+             and not line.startswith("CheckpointException")]  # fmt: skip
+    line = named[-1] if named else lines[-1] if lines else type(err).__name__
+    return line.split(". ", 1)[0][:300]  # the first sentence: torch's advice is not ours

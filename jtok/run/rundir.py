@@ -440,17 +440,25 @@ def load_run(run_dir: Path | str, checkpoint: Path | str | None = None,
     if not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} does not exist")
     run_cfg = saved_run_config(run_dir)
-    ckpt_dir = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(run_dir)
-    if ckpt_dir is None:
-        raise RunDirError(f"{run_dir} has no checkpoint yet")
-    if not ckpt_dir.is_dir():
-        raise RunDirError(f"checkpoint {ckpt_dir} does not exist")
-    state = ckpt.validate_checkpoint(ckpt_dir, meta_model(run_cfg), with_optimizer=False)
-    check_memory(run_cfg.model, device, training=False, what=f"loading run {run_dir}",
-                 table_placement=table_placement)  # fmt: skip
-    if is_retrofit(run_cfg):  # a jtok.hf.retrofit_run.RetrofitLM (HF model + tables)
-        model = run_cfg.build_model(device, table_placement)
-    else:
-        model = build_model(run_cfg.model, device=device, table_placement=table_placement)
-    ckpt.load_model_weights(ckpt_dir, model)
-    return run_cfg, model.eval(), state
+    for attempt in range(3):
+        ckpt_dir = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(run_dir)
+        if ckpt_dir is None:
+            raise RunDirError(f"{run_dir} has no checkpoint yet")
+        if not ckpt_dir.is_dir():
+            raise RunDirError(f"checkpoint {ckpt_dir} does not exist")
+        try:
+            state = ckpt.validate_checkpoint(ckpt_dir, meta_model(run_cfg), with_optimizer=False)
+            check_memory(run_cfg.model, device, training=False, what=f"loading run {run_dir}",
+                         table_placement=table_placement)  # fmt: skip
+            if is_retrofit(run_cfg):  # a jtok.hf.retrofit_run.RetrofitLM (HF model + tables)
+                model = run_cfg.build_model(device, table_placement)
+            else:
+                model = build_model(run_cfg.model, device=device,
+                                    table_placement=table_placement)  # fmt: skip
+            ckpt.load_model_weights(ckpt_dir, model)
+            return run_cfg, model.eval(), state
+        except ckpt.CheckpointError:
+            # A run still training rotates old checkpoints away: the latest one may vanish
+            # between choosing and reading it. Then the new latest is read instead.
+            if checkpoint is not None or ckpt_dir.exists() or attempt == 2:
+                raise
