@@ -469,3 +469,26 @@ def test_a_run_keeps_validating_on_the_data_it_opened_when_the_directory_is_repl
     assert not np.array_equal(np.array(open_split(out, "val")), before)  # the new data differs
     assert np.array_equal(np.array(tokens), before)  # what the run opened does not
     assert split_info["tokens"] == len(before)  # and its manifest entry is the old one
+
+
+def test_stages_of_killed_prepares_are_removed_and_live_ones_kept(tmp_path):
+    """A killed prepare leaves its `.NAME.new-*` stage; the next prepare of NAME deletes
+    the stages no live process holds (their flock died with their writer)."""
+    text = tmp_path / "a.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "data"
+    stale, live = tmp_path / ".data.new-killed", tmp_path / ".data.new-working"
+    for stage in (stale, live):
+        stage.mkdir()
+        (stage / "train.bin").write_bytes(b"partial")
+    other = tmp_path / ".elsewhere.new-x"  # another output's stage: not ours
+    other.mkdir()
+    held = outdir._locked(live)  # a prepare still writing it
+    try:
+        messages = []
+        run_prepare([text], out, log=messages.append)
+    finally:
+        os.close(held)
+    assert not stale.exists() and live.is_dir() and other.is_dir()
+    assert any(".data.new-killed" in m and "interrupted prepare" in m for m in messages)
+    assert load_manifest(out)["splits"]["train"]["tokens"] > 0

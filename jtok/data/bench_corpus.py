@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from jtok.data.format import DataError
-from jtok.io import fsync_dir, write_json_atomic
+from jtok.io import fsync_dir, read_json, write_json_atomic
 
 DOCS_EN = "docs-en"
 DOCS_EN_PACKAGES = ("linux-doc-6.1", "python3.11-doc")
@@ -148,6 +148,23 @@ def fetch_packages(workdir: Path, log: Callable[[str], Any] = print) -> list[Pat
     return debs
 
 
+def _check_built(target: Path) -> None:
+    """A built corpus's split files have the sizes its manifest records (a truncated or
+    deleted file is not "already built")."""
+    manifest = read_json(target / CORPUS_MANIFEST, "corpus manifest")
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    if not isinstance(splits, dict):
+        raise DataError(f"{target / CORPUS_MANIFEST} is damaged (no splits); move {target} "
+                        "away to build it again")  # fmt: skip
+    for name, split in splits.items():
+        path = target / f"{name}.txt"
+        size = path.stat().st_size if path.is_file() else None
+        if size != split.get("bytes"):
+            found = "is missing" if size is None else f"has {size:,} bytes"
+            raise DataError(f"{path} {found}, the manifest records {split.get('bytes'):,}; "
+                            f"move {target} away to build it again")  # fmt: skip
+
+
 def build_docs_en(out: str | os.PathLike, log: Callable[[str], Any] = print, *,
                   fetch: Callable[[Path], list[Path]] | None = None) -> dict | None:  # fmt: skip
     """Build `out/docs-en` (see the module docstring); return its manifest.
@@ -159,6 +176,7 @@ def build_docs_en(out: str | os.PathLike, log: Callable[[str], Any] = print, *,
     out = Path(out).absolute()
     target = out / DOCS_EN
     if (target / CORPUS_MANIFEST).is_file():
+        _check_built(target)
         log(f"{DOCS_EN} is already built in {target}; nothing to do")
         return None
     if out.exists() and not out.is_dir():

@@ -15,6 +15,7 @@ refused (naming it), so no user file is ever deleted.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import shutil
@@ -153,16 +154,53 @@ def _swap_in(stage: Path, out: Path, log: Callable[[str], Any]) -> None:
         log(f"warning: could not delete the old data at {aside}: {err.strerror}")
 
 
+def _locked(directory: Path) -> int:
+    """An open descriptor of `directory` holding an exclusive flock on it: the kernel drops
+    the lock when the process dies, so a stage nobody holds was left by a killed prepare."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _remove_stale_stages(out: Path, log: Callable[[str], Any]) -> None:
+    """Delete the `.NAME.new-*` folders of killed prepares of `out` (their writer's lock is
+    gone); a stage another live prepare holds is left alone."""
+    if not out.parent.is_dir():
+        return
+    for stage in out.parent.glob(f".{out.name}.new-*"):
+        if stage.is_symlink() or not stage.is_dir():
+            continue
+        try:
+            fd = _locked(stage)
+        except OSError:
+            continue  # a prepare at work, or not ours to judge
+        try:
+            shutil.rmtree(stage, ignore_errors=True)
+        finally:
+            os.close(fd)
+        log(f"removed {stage.name}, left by an interrupted prepare")
+
+
 @contextlib.contextmanager
 def staged_directory(out: Path, log: Callable[[str], Any] = print) -> Iterator[Path]:
     """A fresh directory beside `out` to write into; swapped in for `out` if the block ends
-    normally, removed (and `out` untouched) if it raises."""
+    normally, removed (and `out` untouched) if it raises. The stage is flock'ed while it is
+    written, so the next prepare can tell a killed prepare's stage from a live one's."""
+    _remove_stale_stages(out, log)
     created = _make_parents(out.parent)
     try:
         stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
     except OSError as err:
         _remove_empty(created)
         raise DataError(f"cannot write in {out.parent}: {err.strerror}") from None
+    try:
+        lock: int | None = _locked(stage)
+    except OSError:  # a file system without flock: the stage is then never judged stale
+        lock = None
     try:
         yield stage
         os.chmod(stage, _directory_mode(out))
@@ -172,4 +210,7 @@ def staged_directory(out: Path, log: Callable[[str], Any] = print) -> Iterator[P
         shutil.rmtree(stage, ignore_errors=True)
         _remove_empty(created)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     shutil.rmtree(stage, ignore_errors=True)  # gone already unless files moved one by one
