@@ -128,6 +128,10 @@ class TokModConfig:
             _require(
                 len(set(self.layers)) == len(self.layers), prefix + "layers", "has duplicates"
             )
+            # An empty list would give JTok / JTok-M no table at all: a baseline in disguise.
+            _require(self.kind == "none" or len(self.layers) > 0, prefix + "layers",
+                     f"is empty: {self.kind} needs a layer (omit it for every layer, or "
+                     "set tokmod.kind=none)")  # fmt: skip
 
 
 @dataclass

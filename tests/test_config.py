@@ -30,6 +30,7 @@ def test_json_round_trip_preserves_every_field():
         ({"tokmod.kind": "both"}, "tokmod.kind"),
         ({"tokmod.layers": "[0, 5]"}, "tokmod.layers"),  # out of range for 2 layers
         ({"tokmod.layers": "[1, 1]"}, "tokmod.layers"),
+        ({"tokmod.kind": "jtokm", "tokmod.layers": "[]"}, "tokmod.layers"),  # no table at all
         ({"tokmod.eps": "0"}, "tokmod.eps"),
         ({"moe.num_experts": "2", "moe.top_k": "3", "moe.expert_hidden": "8"}, "moe.top_k"),
         ({"moe.num_experts": "2", "moe.expert_hidden": "0"}, "moe.expert_hidden"),

@@ -390,3 +390,33 @@ def test_a_damaged_distributed_checkpoint_is_one_line(trained_run, capsys, damag
     else:
         (folder / ".metadata").unlink()
     one_line_error(capsys, main(["eval", "--run", str(trained_run)]), message)
+
+
+def test_run_and_checkpoint_arguments(trained_run, tmp_path, capsys):
+    """--checkpoint takes a name inside the run's checkpoints/; a pipe of prompts is read;
+    a folder, a pipe for --text (read twice) or an export folder as --run are named."""
+    assert main(["eval", "--run", str(trained_run), "--checkpoint", "step_00000004",
+                 "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["step"] == 4
+    one_line_error(capsys, main(["eval", "--run", str(trained_run), "--checkpoint",
+                                 "step_00000005"]), "no such checkpoint folder")  # fmt: skip
+    read, write = os.pipe()
+    os.write(write, b"the king\n")
+    os.close(write)
+    argv = ["generate", "--run", str(trained_run), "--max-new-tokens", "2", "--json"]
+    assert main([*argv, "--prompts", f"/dev/fd/{read}"]) == 0
+    os.close(read)
+    assert json.loads(capsys.readouterr().out)["prompt"] == "the king"
+    one_line_error(capsys, main([*argv, "--prompts", str(tmp_path)]), "is a folder")
+    read, write = os.pipe()
+    one_line_error(capsys, main(["eval", "--run", str(trained_run), "--text",
+                                 f"/dev/fd/{read}"]), "is not a regular file")  # fmt: skip
+    os.close(read)
+    os.close(write)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"architectures": ["JTokForCausalLM"]}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the king\n")
+    one_line_error(capsys, main([*argv, "--prompts", str(prompts), "--run", str(export)]),
+                   "is a Hugging Face model directory")

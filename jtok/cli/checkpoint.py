@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jtok.cli.common import UsageError
+from jtok.cli.common import UsageError, check_run_and_checkpoint
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
@@ -16,8 +16,7 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     from jtok.run.rundir import saved_run_config
     from jtok.training.optim import Optimizers
 
-    if not args.run.is_dir():
-        raise UsageError(f"--run {args.run}: no such run directory")
+    check_run_and_checkpoint(args)
     run_cfg = saved_run_config(args.run)
     targets = ([args.checkpoint] if args.checkpoint is not None
                else [c for c in ckpt.list_checkpoints(args.run) if has_dcp(c)])  # fmt: skip

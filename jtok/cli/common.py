@@ -117,3 +117,22 @@ def preset_for(name: str, overrides: dict[str, str]) -> ModelConfig:
         model = model.with_overrides({"vocab_size": int(load_manifest(overrides["train.data"])
                                                         ["vocab_size"])})  # fmt: skip
     return model
+
+
+def check_run_and_checkpoint(args: argparse.Namespace) -> None:
+    """--run is a directory; --checkpoint (if given) is a checkpoint folder, as a path or as
+    a name inside the run's checkpoints/ (`--checkpoint step_00000100`): args.checkpoint
+    becomes that folder. The run's own checks (config, checkpoint files) come at load."""
+    if not args.run.is_dir():
+        raise UsageError(f"--run {args.run}: no such run directory")
+    given = args.checkpoint
+    if given is None or given.is_dir():
+        return
+    from jtok.run.files import CHECKPOINT_DIR
+
+    inside = args.run / CHECKPOINT_DIR / given
+    if given.parent == Path(".") and inside.is_dir():
+        args.checkpoint = inside
+        return
+    raise UsageError(f"--checkpoint {given}: no such checkpoint folder (a path, or a name "
+                     f"in {args.run / CHECKPOINT_DIR})")

@@ -6,15 +6,12 @@ import argparse
 import importlib
 from pathlib import Path
 
-from jtok.cli.common import UsageError
+from jtok.cli.common import UsageError, check_run_and_checkpoint
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     # Everything is checked before the model loads: a mistake costs no loading time.
-    if not args.run.is_dir():
-        raise UsageError(f"--run {args.run}: no such run directory")
-    if args.checkpoint is not None and not args.checkpoint.is_dir():
-        raise UsageError(f"--checkpoint {args.checkpoint}: no such checkpoint folder")
+    check_run_and_checkpoint(args)
     try:
         importlib.import_module("jtok.hf")  # the transformers extra (and Auto registration)
     except ImportError as err:

@@ -7,7 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from jtok.cli.common import UsageError, finite_float, nonnegative_int, positive_int
+from jtok.cli.common import (
+    UsageError,
+    check_run_and_checkpoint,
+    finite_float,
+    nonnegative_int,
+    positive_int,
+)
 
 
 def read_prompts(source: str) -> list[tuple[int, str]]:
@@ -18,7 +24,9 @@ def read_prompts(source: str) -> list[tuple[int, str]]:
         where = "stdin"
     else:
         path = Path(source)
-        if not path.is_file():
+        if path.is_dir():
+            raise UsageError(f"--prompts {source} is a folder, not a file of prompts")
+        if not path.exists():  # a pipe (`--prompts <(...)`) or a device is read as it comes
             raise UsageError(f"--prompts {source}: no such file")
         try:
             raw = path.read_bytes()
@@ -38,10 +46,7 @@ def read_prompts(source: str) -> list[tuple[int, str]]:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    if not args.run.is_dir():
-        raise UsageError(f"--run {args.run}: no such run directory")
-    if args.checkpoint is not None and not args.checkpoint.is_dir():
-        raise UsageError(f"--checkpoint {args.checkpoint}: no such checkpoint folder")
+    check_run_and_checkpoint(args)
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:

@@ -10,6 +10,7 @@ from pathlib import Path
 from jtok.cli.common import (
     UsageError,
     add_model_arguments,
+    check_run_and_checkpoint,
     parse_overrides,
     preset_for,
     run_override_key,
@@ -96,13 +97,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---- jtok eval / sample -----------------------------------------------------------------
 
 
-def _check_run_arguments(args: argparse.Namespace) -> None:
-    if not args.run.is_dir():
-        raise UsageError(f"--run {args.run}: no such run directory")
-    if args.checkpoint is not None and not args.checkpoint.is_dir():
-        raise UsageError(f"--checkpoint {args.checkpoint}: no such checkpoint folder")
-
-
 def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
     """The flags among `names` (attribute names) the command line set."""
     flags = {"include_path": "--include-path", "num_fewshot": "--num-fewshot",
@@ -159,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from jtok.evaluation.harness import run_tasks
 
         return run_tasks(args)  # each run's latest checkpoint
-    _check_run_arguments(args)
+    check_run_and_checkpoint(args)
     if args.tasks is not None:  # downstream tasks with lm-evaluation-harness
         from jtok.evaluation.harness import run_tasks
 
@@ -168,6 +162,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise UsageError("--max-tokens must be positive")
     if args.text is not None and not args.text.is_file():
+        if args.text.is_dir():
+            raise UsageError(f"--text {args.text} is a folder, not a text file")
+        if args.text.exists():  # a pipe: its bytes could be read once, not twice
+            raise UsageError(f"--text {args.text} is not a regular file (it is read twice: "
+                             "for the ids and for bits per byte)")  # fmt: skip
         raise UsageError(f"--text {args.text}: no such file")
     saved = saved_run_config(args.run)
     data_dir = None
@@ -212,7 +211,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from jtok.run.files import TOKENIZER_FILE
     from jtok.run.rundir import load_run
 
-    _check_run_arguments(args)
+    check_run_and_checkpoint(args)
     if args.max_tokens <= 0:
         raise UsageError("--max-tokens must be positive")
     finite = all(math.isfinite(v) for v in (args.temperature, args.top_p))

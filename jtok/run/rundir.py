@@ -199,6 +199,9 @@ def saved_run_config(run_dir: Path) -> RunConfig:
     if not path.is_file():
         raise RunDirError(f"{run_dir} holds no run (no {CONFIG_FILE})")
     raw = read_json(path, "run config")
+    if isinstance(raw, dict) and "architectures" in raw and "train" not in raw:
+        raise RunDirError(f"{run_dir} is a Hugging Face model directory (`jtok export` writes "
+                          "these), not a run: load it with transformers")  # fmt: skip
     try:
         if isinstance(raw, dict) and RETROFIT_RECORD_KEY in raw:
             try:
