@@ -73,7 +73,7 @@ def write_bytes_atomic(path: Path | str, content: bytes) -> None:
     fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as file:
-            os.chmod(scratch, 0o644)  # mkstemp makes it private; these files are for everyone
+            os.chmod(scratch, file_mode())  # mkstemp makes it private: these are for everyone
             file.write(content)
             file.flush()
             os.fsync(file.fileno())
@@ -82,6 +82,22 @@ def write_bytes_atomic(path: Path | str, content: bytes) -> None:
         _unlink_quietly(scratch)
         raise
     fsync_dir(path.parent)
+
+
+def file_mode() -> int:
+    """The mode a plain new file gets under the process's umask (0644 under umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_tensors(tensors: dict, path: Path | str, metadata: dict[str, str] | None = None):
+    """safetensors' save_file, with the file's mode set as for any file the user writes:
+    safetensors creates it 0600, which makes a shared checkpoint or export unreadable."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, file_mode())
 
 
 def _unlink_quietly(path: str | Path) -> None:

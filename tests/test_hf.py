@@ -481,6 +481,22 @@ def test_export_mistakes_are_one_line(run_of, tmp_path, capsys, monkeypatch):
                    "required: --out")  # fmt: skip
 
 
+def test_a_diverged_checkpoint_is_not_exported(run_of, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run_of("dense-jtok"), run_dir)
+    weights = next(run_dir.glob("checkpoints/step_*")) / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["token_tables.weight"][3, 0] = float("nan")
+    save_file(tensors, weights)
+    one_line_error(*run_export(["--run", run_dir, "--out", tmp_path / "o"], capsys),
+                   "has non-finite values in token_tables.weight")  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
 def test_export_overwrites_only_an_earlier_export(run_of, export_of, tmp_path, capsys):
     run_dir = run_of("dense-jtok")
     out = tmp_path / "out"

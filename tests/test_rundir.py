@@ -420,3 +420,17 @@ def test_run_and_checkpoint_arguments(trained_run, tmp_path, capsys):
     prompts.write_text("the king\n")
     one_line_error(capsys, main([*argv, "--prompts", str(prompts), "--run", str(export)]),
                    "is a Hugging Face model directory")
+
+
+def test_checkpoint_files_are_readable_as_any_file_the_user_writes(trained_run):
+    """safetensors creates its files 0600; checkpoints (and exports) are meant to be shared."""
+    from jtok.io import file_mode
+
+    latest = ckpt.latest_checkpoint(trained_run)
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        assert (latest / name).stat().st_mode & 0o777 == file_mode(), name
+    old = os.umask(0o077)
+    try:
+        assert file_mode() == 0o600  # and a private umask is respected
+    finally:
+        os.umask(old)

@@ -22,6 +22,8 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from jtok.data import EOT_TOKEN, load_tokenizer
 from jtok.errors import JTokError
 from jtok.hf.configuration import REMOTE_CODE_FILE
@@ -79,6 +81,16 @@ def hf_tokenizer(tokenizer_file: Path, max_length: int):
                                    model_max_length=max_length)  # fmt: skip
 
 
+def refuse_non_finite(model, step: int) -> None:
+    """A diverged checkpoint (a NaN or Inf weight) is not exported: eval and generate refuse
+    it too, and a shared model should not carry it."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ExportError(f"checkpoint step {step} has non-finite values in {name}: the "
+                              "weights have diverged; export an earlier checkpoint "
+                              "(--checkpoint)")  # fmt: skip
+
+
 def from_run(run_dir: Path | str, checkpoint: Path | str | None = None,
              table_placement: str = "device", device: str = "cpu"):  # fmt: skip
     """(JTokForCausalLM, PreTrainedTokenizerFast, checkpoint step) of a training run."""
@@ -89,6 +101,7 @@ def from_run(run_dir: Path | str, checkpoint: Path | str | None = None,
     run_dir = Path(run_dir)
     run_cfg, model, state = load_run(run_dir, checkpoint, device=device,
                                      table_placement=table_placement)  # fmt: skip
+    refuse_non_finite(model, state["step"])
     tokenizer = hf_tokenizer(run_dir / TOKENIZER_FILE, run_cfg.model.max_seq_len)
     eos = tokenizer.eos_token_id
     if eos >= run_cfg.model.vocab_size:

@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -52,6 +51,7 @@ from transformers.utils import cached_file
 
 from jtok.config import ModelConfig
 from jtok.hf.configuration import JTokConfig
+from jtok.io import save_tensors
 from jtok.nn.model import JTokModel, KVCache, build_model
 from jtok.run.checkpoint import MODEL_FILE, load_model_weights, model_tensors
 from jtok.tables.store import PLACEMENTS
@@ -284,7 +284,7 @@ class JTokForCausalLM(PreTrainedModel, GenerationMixin):
         if self.generation_config is not None:
             self.generation_config.save_pretrained(directory)
         metadata = {"format": "pt", "jtok_config": json.dumps(self.model.cfg.to_dict())}
-        save_file(model_tensors(self.model), directory / MODEL_FILE, metadata=metadata)
+        save_tensors(model_tensors(self.model), directory / MODEL_FILE, metadata=metadata)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any,

@@ -18,7 +18,13 @@ import os
 import shutil
 from pathlib import Path
 
-from jtok.hf.export import EXPORT_FILES, ExportError, check_out_dir, hf_tokenizer
+from jtok.hf.export import (
+    EXPORT_FILES,
+    ExportError,
+    check_out_dir,
+    hf_tokenizer,
+    refuse_non_finite,
+)
 from jtok.hf.retrofit_io import OPTIONS_FILE, WEIGHTS_FILE, save_retrofit
 from jtok.hf.retrofit_run import _quiet_loading
 from jtok.io import replace_dir
@@ -42,6 +48,7 @@ def export_retrofit_run(run_dir: Path | str, out: Path | str, checkpoint=None,
     run_dir, out = Path(run_dir), Path(out)
     _check_out(out, overwrite)
     run_cfg, model, state = load_run(run_dir, checkpoint)
+    refuse_non_finite(model, state["step"])
     tokenizer = hf_tokenizer(run_dir / TOKENIZER_FILE, run_cfg.model.max_seq_len)
     hf = model.hf.eval()
     eos = tokenizer.eos_token_id

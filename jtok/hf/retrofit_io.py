@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from jtok.hf.retrofit import (
@@ -34,7 +34,7 @@ from jtok.hf.retrofit import (
     retrofit_options,
     retrofit_tables,
 )
-from jtok.io import FileFormatError, read_json, replace_dir, write_json_atomic
+from jtok.io import FileFormatError, read_json, replace_dir, save_tensors, write_json_atomic
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "jtok_retrofit.safetensors"
@@ -100,7 +100,7 @@ def save_retrofit(hf_model: nn.Module, out: Path | str, overwrite: bool = False)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         hf_model.save_pretrained(tmp, state_dict=backbone)
-        save_file(own, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_tensors(own, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json_atomic(tmp / OPTIONS_FILE, {"format_version": FORMAT_VERSION,
                                                "options": retrofit_options(hf_model),
                                                "tensors": sorted(own)})  # fmt: skip

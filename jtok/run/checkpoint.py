@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from jtok.errors import JTokError
 from jtok.io import (
     fsync_dir,
     read_json,
+    save_tensors,
     write_json_atomic,  # noqa: F401  (demo imports it here; moves to jtok.io)
 )
 from jtok.run.files import CHECKPOINT_DIR
@@ -273,9 +274,9 @@ def write_single_files(ckpt_dir: Path, model: torch.nn.Module, optimizers) -> No
     scratch.mkdir()
     try:
         config_json = json.dumps(model.cfg.to_dict()) if hasattr(model, "cfg") else "{}"
-        save_file(model_tensors(model), scratch / MODEL_FILE, metadata={"config": config_json})
+        save_tensors(model_tensors(model), scratch / MODEL_FILE, metadata={"config": config_json})
         tensors, _ = _split_optimizer_state(optimizers.state_dict())
-        save_file(tensors, scratch / OPTIMIZER_FILE)
+        save_tensors(tensors, scratch / OPTIMIZER_FILE)
         for name in (OPTIMIZER_FILE, MODEL_FILE):  # the model file last: it marks "done"
             _fsync(scratch / name)
             os.replace(scratch / name, ckpt_dir / name)
@@ -294,12 +295,12 @@ def _write_checkpoint_files(folder: Path, step: int, model: torch.nn.Module, opt
                             optimizer_states=None) -> None:  # fmt: skip
     config_json = json.dumps(model.cfg.to_dict()) if hasattr(model, "cfg") else "{}"
     weights = model_tensors(model) if model_state is None else model_state
-    save_file(weights, folder / MODEL_FILE, metadata={"config": config_json})
+    save_tensors(weights, folder / MODEL_FILE, metadata={"config": config_json})
     state = {"format_version": FORMAT_VERSION, "step": step, "rng": rng_state(), **(meta or {})}
     if optimizers is not None:
         states = optimizers.state_dict() if optimizer_states is None else optimizer_states
         tensors, rest = _split_optimizer_state(states)
-        save_file(tensors, folder / OPTIMIZER_FILE)
+        save_tensors(tensors, folder / OPTIMIZER_FILE)
         state["optimizer"] = rest
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     for name in os.listdir(folder):
