@@ -120,8 +120,9 @@ def register(sub) -> None:
     ge.add_argument("--temperature", type=finite_float, default=0.0, help="0 = greedy")
     ge.add_argument("--top-k", type=nonnegative_int, default=0, help="0 = off")
     ge.add_argument("--top-p", type=finite_float, default=1.0, help="1 = off")
-    ge.add_argument("--seed", type=int, default=0,
-                    help="sampling seed; prompt i's draws depend on (seed, i) only")
+    ge.add_argument("--seed", type=nonnegative_int, default=0,
+                    help="sampling seed (used modulo 2^64); prompt i's draws depend on "
+                    "(seed, i) only")
     ge.add_argument("--batch-size", type=positive_int, default=32,
                     help="prompts decoded together (grouped by length)")
     ge.add_argument("--table-placement", choices=["device", "host"], default="device",

@@ -77,9 +77,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     plan = summary.get("memory_plan")
     if plan:
+        batch = (f"batch {plan['batch_per_process']}" if plan["batch_per_process"]
+                 else "no activations: --batch B counts them")  # fmt: skip
         rows.append((f"training, per process (W={plan['world_size']}, {plan['parallel']}, "
-                     f"tables on {plan['table_placement']}, batch {plan['batch_per_process']})",
-                     ""))  # fmt: skip
+                     f"tables on {plan['table_placement']}, {batch})", ""))  # fmt: skip
         for side in ("device", "host"):
             for item, size in plan[side].items():
                 rows.append((f"  {side}: {item}", format_bytes(size)))

@@ -11,6 +11,7 @@ from jtok.cli.common import (
     UsageError,
     add_model_arguments,
     check_run_and_checkpoint,
+    nonnegative_int,
     parse_overrides,
     preset_for,
     run_override_key,
@@ -303,11 +304,14 @@ def register(sub) -> None:
     sa.add_argument("--run", type=Path, required=True, help="run directory")
     sa.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: latest)")
     sa.add_argument("--prompt", required=True)
-    sa.add_argument("--max-tokens", type=int, default=200)
-    sa.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    sa.add_argument("--top-k", type=int, default=50, help="0 = off")
-    sa.add_argument("--top-p", type=float, default=0.95)
-    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--max-tokens", type=int, default=200,
+                    help="new tokens at most (default 200; generate: --max-new-tokens)")
+    sa.add_argument("--temperature", type=float, default=0.8,
+                    help="0 = greedy (default 0.8: sample is for reading; generate's is 0)")
+    sa.add_argument("--top-k", type=int, default=50, help="0 = off (default 50)")
+    sa.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
+    sa.add_argument("--seed", type=nonnegative_int, default=0,
+                    help="sampling seed (default 0; used modulo 2^64)")
     sa.add_argument("--table-placement", choices=["device", "host"], default="device",
                     help="keep the tables on the model's device or in host memory")
     sa.set_defaults(handler=cmd_sample)
