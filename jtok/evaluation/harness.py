@@ -8,6 +8,8 @@ one JSON object: {"step", "tasks": {task: {"split", "n", "acc", "acc_stderr",
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -115,6 +117,17 @@ def _write_results(out: Path, names: tuple[str, str], record: dict, markdown: st
     write_text_atomic(out / names[1], markdown)
 
 
+@contextlib.contextmanager
+def _replaced(owner, name: str, value):
+    """`owner`'s attribute `name` set to `value` for the block, then put back."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
 def run_tasks(args) -> int:
     """The body of `jtok eval --tasks` (args from jtok.cli.run's eval parser)."""
     from jtok.evaluation import require_lm_eval
@@ -170,11 +183,24 @@ def _score(args, run, names: list[str], manager, log_samples: bool = False):
 
     model = JTokLM(run=run, checkpoint=args.checkpoint, table_placement=args.table_placement,
                    batch_size=args.batch_size or 16)  # fmt: skip
-    results = lm_eval.simple_evaluate(model=model, tasks=names, num_fewshot=args.num_fewshot,
-                                      limit=args.limit, task_manager=manager,
-                                      log_samples=log_samples, bootstrap_iters=1000,
-                                      random_seed=0, numpy_random_seed=1234,
-                                      torch_random_seed=1234, fewshot_random_seed=1234)  # fmt: skip
+    import lm_eval.evaluator
+
+    # lm-eval records the git commit of the working directory by running `git describe`,
+    # whose "fatal: not a git repository" reaches the terminal outside a repository. The
+    # working directory's commit says nothing about a jtok run: not recorded, no noise.
+    with contextlib.ExitStack() as stack:
+        if hasattr(lm_eval.evaluator, "get_git_commit_hash"):
+            stack.enter_context(_replaced(lm_eval.evaluator, "get_git_commit_hash",
+                                          lambda: None))  # fmt: skip
+        task_module = sys.modules.get("lm_eval.api.task")
+        if not args.verbose and hasattr(task_module, "tqdm"):  # its request-building bar
+            stack.enter_context(_replaced(task_module, "tqdm",
+                                          functools.partial(task_module.tqdm, disable=True)))
+        results = lm_eval.simple_evaluate(
+            model=model, tasks=names, num_fewshot=args.num_fewshot, limit=args.limit,
+            task_manager=manager, log_samples=log_samples, bootstrap_iters=1000,
+            random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
+            fewshot_random_seed=1234)  # fmt: skip
     if results is None:
         raise HarnessError("lm-eval returned no results")
     return results, model.step
