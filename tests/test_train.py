@@ -176,7 +176,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", crash)
+    monkeypatch.setattr(ckpt, "save_tensors", crash)
     with pytest.raises(OSError):
         ckpt.save_checkpoint(tmp_path, 2, model)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001"]
