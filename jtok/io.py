@@ -85,7 +85,17 @@ def write_bytes_atomic(path: Path | str, content: bytes) -> None:
 
 
 def file_mode() -> int:
-    """The mode a plain new file gets under the process's umask (0644 under umask 022)."""
+    """The mode a plain new file gets under the process's umask (0644 under umask 022).
+
+    Read from /proc where it can be: setting the umask to read it back would, for a moment,
+    apply 0 to files other threads create."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask

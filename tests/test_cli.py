@@ -141,3 +141,16 @@ def main_with_handler(handler):
         return cli.main(["info", "--preset", "tiny"])
     finally:
         cli.build_parser = real
+
+
+def test_environment_errno_reads_safetensors_write_errors():
+    from safetensors import SafetensorError
+
+    from jtok.errors import environment_errno
+
+    full = SafetensorError("Error while serializing: I/O error: No space left on device "
+                           "(os error 28)")  # fmt: skip
+    assert environment_errno(full) == 28
+    assert environment_errno(SafetensorError("File does not contain tensor x")) is None
+    assert environment_errno(OSError(2, "No such file or directory")) is None
+    assert environment_errno(ValueError("no")) is None

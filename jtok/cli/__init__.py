@@ -11,23 +11,13 @@ unknown choice) are one line too: `_Parser.error` raises instead of printing the
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 import warnings
 
 from jtok import __version__
 from jtok.cli import bench, checkpoint, data, hf, inference, model, run, studies
-from jtok.errors import JTokError
-
-# The machine's state, not a defect: a full disk or quota, a read-only file system, a
-# path the user may not write, a file too large for it.
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                       errno.EFBIG}
-try:  # safetensors reports its failed writes (no space left) as its own type
-    from safetensors import SafetensorError as _SafetensorError
-except ImportError:  # older safetensors
-    _SafetensorError = OSError
+from jtok.errors import JTokError, environment_errno
 
 
 class ArgumentsError(JTokError):
@@ -93,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         # complaining again while it flushes stdout at exit).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except (OSError, _SafetensorError) as err:
-        if isinstance(err, OSError) and err.errno not in _ENVIRONMENT_ERRNOS:
+    except Exception as err:
+        number = environment_errno(err)
+        if number is None:
             raise  # not the machine's state: a defect, with its traceback
         # A full disk, a read-only or forbidden path (also stdout: `> /dev/full`): what was
         # being written stays as it was (every writer is atomic); say so in one line.
-        detail = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        detail = getattr(err, "strerror", None) or os.strerror(number)
         where = f": {err.filename}" if getattr(err, "filename", None) else ""
         print(f"jtok {args.command}: error: {detail}{where}", file=sys.stderr)
         try:

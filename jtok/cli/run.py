@@ -29,7 +29,7 @@ def resolve_run_config(args: argparse.Namespace):
         return _retrofit_run_config(args)
     overrides = {run_override_key(k): v for k, v in parse_overrides(args.overrides).items()}
     if args.data is not None:
-        if overrides.get("train.data", str(args.data)) != str(args.data):
+        if Path(overrides.get("train.data", args.data)).resolve() != args.data.resolve():
             raise UsageError(f"--data {args.data} and --set data={overrides['train.data']} "
                              "disagree; give one")  # fmt: skip
         overrides["train.data"] = str(args.data)
@@ -102,7 +102,8 @@ def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
     """The flags among `names` (attribute names) the command line set."""
     flags = {"include_path": "--include-path", "num_fewshot": "--num-fewshot",
              "max_tokens": "--max-tokens", "batch_size": "--batch-size"}  # fmt: skip
-    return [flags.get(n, "--" + n) for n in names if getattr(args, n) not in (None, False)]
+    return [flags.get(n, "--" + n) for n in names
+            if getattr(args, n) is not None and getattr(args, n) is not False]  # 0 is given
 
 
 def _check_eval_flags(args: argparse.Namespace) -> None:
@@ -128,6 +129,8 @@ def _check_eval_flags(args: argparse.Namespace) -> None:
                 raise UsageError(f"--include-path {path}: no such folder")
         if args.batch_size is not None and args.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
+        if args.overwrite and args.out is None:
+            raise UsageError("--overwrite applies to the results files of --out")
         if args.out is not None:
             from jtok.evaluation.harness import check_out_folder
 

@@ -159,10 +159,11 @@ def _check_built(target: Path) -> None:
     for name, split in splits.items():
         path = target / f"{name}.txt"
         size = path.stat().st_size if path.is_file() else None
-        if size != split.get("bytes"):
+        recorded = split.get("bytes") if isinstance(split, dict) else None
+        if not isinstance(recorded, int) or size != recorded:
             found = "is missing" if size is None else f"has {size:,} bytes"
-            raise DataError(f"{path} {found}, the manifest records {split.get('bytes'):,}; "
-                            f"move {target} away to build it again")  # fmt: skip
+            raise DataError(f"{path} {found}, the manifest records {recorded!r} bytes; move "
+                            f"{target} away to build it again")  # fmt: skip
 
 
 def build_docs_en(out: str | os.PathLike, log: Callable[[str], Any] = print, *,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 import secrets
 import shutil
@@ -171,7 +172,7 @@ def _remove_stale_stages(out: Path, log: Callable[[str], Any]) -> None:
     gone); a stage another live prepare holds is left alone."""
     if not out.parent.is_dir():
         return
-    for stage in out.parent.glob(f".{out.name}.new-*"):
+    for stage in out.parent.glob(f".{glob.escape(out.name)}.new-*"):
         if stage.is_symlink() or not stage.is_dir():
             continue
         try:
@@ -193,14 +194,25 @@ def staged_directory(out: Path, log: Callable[[str], Any] = print) -> Iterator[P
     _remove_stale_stages(out, log)
     created = _make_parents(out.parent)
     try:
-        stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+        # Made under a name the stale-stage sweep does not match, locked, then renamed: a
+        # concurrent prepare never sees this stage unlocked (the lock follows the inode).
+        making = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.making-"))
     except OSError as err:
         _remove_empty(created)
         raise DataError(f"cannot write in {out.parent}: {err.strerror}") from None
     try:
-        lock: int | None = _locked(stage)
+        lock: int | None = _locked(making)
     except OSError:  # a file system without flock: the stage is then never judged stale
         lock = None
+    stage = making.with_name(making.name.replace(".making-", ".new-", 1))
+    try:
+        os.rename(making, stage)
+    except OSError as err:
+        shutil.rmtree(making, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
+        _remove_empty(created)
+        raise DataError(f"cannot write in {out.parent}: {err.strerror}") from None
     try:
         yield stage
         os.chmod(stage, _directory_mode(out))

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 _MASK64 = (1 << 64) - 1
+# Below this, logits / temperature can overflow float32 (|logit| ~ 30 / 1e-37 > 3.4e38).
+_TINY_TEMPERATURE = 1e-30
 
 
 def _splitmix64(x: int) -> int:
@@ -63,15 +65,17 @@ def choose_next(logits_BV: Tensor, temperature: float = 0.0, top_k: int = 0, top
     exceeds u * total (in float64, so a token of probability 0 is never chosen)."""
     if temperature <= 0:
         return logits_BV.argmax(-1)
-    # The row's largest logit is made 0 before dividing, and the temperature is at least
-    # float32's smallest normal number: logits / 1e-40 overflowed to inf (and / 1e-300, a
-    # float32 zero, gave 0 / 0), the softmax's inf - inf gave NaN probabilities, and the
-    # search turned them into the last id. Now the quotients are <= 0 (-inf at worst) with
-    # 0 at the largest logit, so a tiny temperature samples the argmax.
     logits = logits_BV.float()
-    shifted = logits - logits.max(dim=-1, keepdim=True).values
-    temperature = max(temperature, torch.finfo(torch.float32).tiny)
-    filtered = filter_logits(shifted / temperature, top_k, top_p)
+    if temperature < _TINY_TEMPERATURE:
+        # logits / 1e-40 overflows to inf in float32 (and / 1e-300, a float32 zero, gives
+        # 0 / 0): the softmax's inf - inf gave NaN probabilities, which the search turned
+        # into the last id. Shifted so that the largest logit is 0, with the temperature at
+        # least float32's smallest normal number, the quotients are <= 0 (-inf at worst)
+        # and a tiny temperature samples the argmax. Ordinary temperatures keep the plain
+        # quotient: the shift rounds differently and would change about one draw in 40,000.
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    filtered = filter_logits(logits / temperature, top_k, top_p)
     cdf_BV = torch.softmax(filtered.double(), dim=-1).cumsum(-1)
     total_B1 = cdf_BV[:, -1:]
     rows = range(logits_BV.shape[0]) if rows is None else rows

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -47,29 +48,35 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+_STEP_NAME = re.compile(r"step_\d{8}")
+
+
+def _step_folders(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders (named step_NNNNNNNN), oldest first, complete or not."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir()
-             if p.name.startswith("step_") and (p / "state.json").is_file()]  # fmt: skip
-    return sorted(found, key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if _STEP_NAME.fullmatch(p.name) and p.is_dir()),
+                  key=lambda p: p.name)  # fmt: skip
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    return [p for p in _step_folders(run_dir) if (p / STATE_FILE).is_file()]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint. A newer step folder without its state.json is a
     damaged checkpoint (saves rename a complete folder into place): an error, never a
     silent fall-back to an older step."""
-    found = list_checkpoints(run_dir)
-    root = Path(run_dir) / CHECKPOINT_DIR
-    newest = max((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")),
-                 key=lambda p: p.name, default=None) if root.is_dir() else None  # fmt: skip
-    if newest is not None and (not found or newest.name > found[-1].name):
-        before = f"; the one before is {found[-1].name}" if found else ""
+    folders = _step_folders(run_dir)  # one listing: a save renamed in later is not seen
+    complete = [p for p in folders if (p / STATE_FILE).is_file()]
+    newest = folders[-1] if folders else None
+    if newest is not None and newest not in complete and not (newest / STATE_FILE).is_file():
+        before = f"; the one before is {complete[-1].name}" if complete else ""
         raise CheckpointError(f"checkpoint {newest} is damaged: it has no {STATE_FILE} (move "
-                              f"it aside to use an older one{before})")  # fmt: skip
-    return found[-1] if found else None
+                              f"it out of {CHECKPOINT_DIR}/ to use an older one{before})")
+    return newest
 
 
 def _fsync(path: Path) -> None:
@@ -251,9 +258,13 @@ def save_checkpoint_distributed(run_dir: Path, step: int, model: torch.nn.Module
                  "format": "dcp", **meta, "optimizer": _scalars_only(rest)}  # fmt: skip
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         _fsync(tmp / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # re-saving a step: aside first, so no state-less step folder
+            old = root / f".old-{checkpoint_name(step)}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         fsync_dir(root)
         if keep is not None:
             protected = last_healthy_checkpoint(run_dir)

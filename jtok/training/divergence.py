@@ -3,12 +3,13 @@
 Three signs, checked every step before the optimizer step and any save:
 - the loss is not finite (NaN / Inf);
 - the loss explodes: above EXPLODE_FACTOR x the median of the last WINDOW steps' losses,
-  or, in the first MIN_HISTORY steps, EXPLODE_FACTOR x the lowest loss so far (the fast
-  early descent only lowers it, and a median of a few early steps would take the explosion
-  in: a run whose loss jumped from 5.7 to 587 at its second step was otherwise never
-  flagged). A run whose loss is huge but finite for a few steps grows its weights by
-  orders of magnitude (1e15 was seen) before it turns NaN; a checkpoint from those steps is
-  no restart point;
+  or, in the first MIN_HISTORY steps, EARLY_EXPLODE_FACTOR x the lowest loss so far (a
+  median of a few early steps would take the explosion in: a run whose loss jumped from
+  5.7 to 587 at its second step was otherwise never flagged). The lowest of a few losses
+  is an outlier statistic (one easy batch lowers it; a retrofitted model starts at its
+  pretrained loss), hence the larger factor there. A run whose loss is huge but finite
+  for a few steps grows its weights by orders of magnitude (1e15 was seen) before it turns
+  NaN; a checkpoint from those steps is no restart point;
 - the gradient norm is zero while the loss is not, for ZERO_GRAD_STEPS steps in a row (a
   dead network: nothing will change any more).
 
@@ -26,6 +27,7 @@ from collections import deque
 WINDOW = 100
 MIN_HISTORY = 20
 EXPLODE_FACTOR = 3.0
+EARLY_EXPLODE_FACTOR = 10.0
 HEALTHY_FACTOR = 1.5
 ZERO_GRAD_STEPS = 20
 
@@ -36,12 +38,15 @@ class DivergenceMonitor:
         self.zero_grad_run = 0
         self.last_loss = math.nan
 
-    def _reference(self) -> tuple[float, str] | None:
-        """(the loss a new one is compared with, what it is), or None before any step."""
+    def _reference(self) -> tuple[float, float, str] | None:
+        """(the loss a new one is compared with, the factor, what it is), or None before
+        any step."""
         if len(self.losses) >= MIN_HISTORY:
-            return statistics.median(self.losses), f"the median of the last {len(self.losses)}"
+            return (statistics.median(self.losses), EXPLODE_FACTOR,
+                    f"the median of the last {len(self.losses)}")  # fmt: skip
         if self.losses:
-            return min(self.losses), f"the lowest of the first {len(self.losses)}"
+            return (min(self.losses), EARLY_EXPLODE_FACTOR,
+                    f"the lowest of the first {len(self.losses)}")  # fmt: skip
         return None
 
     def check_loss(self, loss: float) -> str | None:
@@ -49,8 +54,8 @@ class DivergenceMonitor:
         if not math.isfinite(loss):
             return f"the loss became {loss}"
         found = self._reference()
-        if found is not None and found[0] > 0 and loss > EXPLODE_FACTOR * found[0]:
-            reference, what = found
+        if found is not None and found[0] > 0 and loss > found[1] * found[0]:
+            reference, _, what = found
             return (f"the loss exploded to {loss:.4g} ({loss / reference:.1f}x {reference:.4g},"
                     f" {what} steps' losses)")
         return None

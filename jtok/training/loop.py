@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import torch
 
 from jtok import data
 from jtok.config import RunConfig
-from jtok.errors import JTokError
+from jtok.errors import JTokError, environment_errno
 from jtok.nn.ffn import MoE, update_balance_bias
 from jtok.nn.model import build_model
 from jtok.parallel.distributed import (
@@ -70,9 +70,6 @@ from jtok.training.optim import Optimizers, lr_factor
 class TrainingError(JTokError):
     """A run cannot go on (diverged loss, ...)."""
 
-
-# safetensors reports a failed write (e.g. no space left) as its own error type.
-_SafetensorError = getattr(safetensors, "SafetensorError", OSError)
 
 
 def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float,
@@ -320,11 +317,16 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
     def save(step: int) -> None:
         try:
             write_checkpoint(step)
-        except (OSError, _SafetensorError) as err:  # a full disk, a folder made read-only
+        except Exception as err:
+            number = environment_errno(err)  # a full disk, a folder made read-only
+            if number is None:
+                raise  # a defect keeps its traceback
             # The checkpoint's temporary folder is gone (checkpoint.save_checkpoint).
-            detail = getattr(err, "strerror", None) or str(err).splitlines()[0]
+            detail = getattr(err, "strerror", None) or os.strerror(number)
             where = f": {err.filename}" if getattr(err, "filename", None) else ""
-            previous = ckpt.latest_checkpoint(run_dir) or "step 0"
+            previous = "an earlier checkpoint"
+            with contextlib.suppress(JTokError):
+                previous = str(ckpt.latest_checkpoint(run_dir) or "step 0")
             raise TrainingError(f"saving the checkpoint of step {step} failed ({detail}{where});"
                                 f" --resume continues from {previous}") from None
 

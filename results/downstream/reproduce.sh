@@ -12,6 +12,6 @@ jtok sweep $out/spec.yaml --out $out
 for emb in "" "-emb3"; do
   runs=($out/runs/baseline${emb}__D3e+06 $out/runs/jtokm${emb}__D3e+06)
   jtok eval --compare "${runs[@]}" --tasks arc_easy,arc_challenge,hellaswag,piqa,sciq \
-    --limit 300 --out $out/tasks$emb
-  jtok eval --compare "${runs[@]}" --tasks mmlu --limit 20 --out $out/mmlu$emb
+    --limit 300 --out $out/tasks$emb --overwrite
+  jtok eval --compare "${runs[@]}" --tasks mmlu --limit 20 --out $out/mmlu$emb --overwrite
 done
