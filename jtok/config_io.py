@@ -125,11 +125,13 @@ def unknown_key_error(root: type, dotted: str, prefix: str = "") -> ConfigError:
         section = section.rpartition(".")[0]
     if dotted in sections:
         section, message = dotted, "is a section, not a key"
+    elif (root.__name__ == "ModelConfig" and leaf in _train_keys()
+          and dotted in (leaf, "train." + leaf)):  # before close matches: steps is not eps
+        section = ""
+        message = f"unknown key ({leaf} is a train key, not a model key)"
     elif close:
         section = close[0].rpartition(".")[0]
         message = f"unknown key (did you mean {' or '.join(prefix + c for c in close)}?)"
-    elif root.__name__ == "ModelConfig" and leaf in _train_keys():
-        message = f"unknown key ({leaf} is a train key, not a model key)"
     else:
         message = "unknown key"
     start = section + "." if section else ""

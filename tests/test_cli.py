@@ -154,3 +154,26 @@ def test_environment_errno_reads_safetensors_write_errors():
     assert environment_errno(SafetensorError("File does not contain tensor x")) is None
     assert environment_errno(OSError(2, "No such file or directory")) is None
     assert environment_errno(ValueError("no")) is None
+
+
+def test_model_only_commands_take_config_spelled_keys_and_refuse_train_keys(tmp_path, capsys):
+    assert main(["info", "--preset", "tiny", "--set", "model.d_model=128", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["d_model"] == 128
+    assert main(["info", "--preset", "tiny", "--set", "steps=5"]) == 2
+    assert "steps is a train key, not a model key" in capsys.readouterr().err
+
+
+def test_bench_out_is_never_replaced_silently_and_seq_len_follows_the_preset(tmp_path, capsys):
+    earlier = tmp_path / "results.jsonl"
+    earlier.write_text("precious\n")
+    argv = ["bench", "--preset", "tiny", "--reps", "1", "--steps", "1", "--warmup", "0",
+            "--variants", "baseline", "--json"]  # fmt: skip
+    assert main([*argv, "--out", str(earlier)]) == 2
+    assert "exists; use --overwrite" in capsys.readouterr().err
+    assert earlier.read_text() == "precious\n"
+    assert main([*argv, "--set", "tokmod.kind=jtok"]) == 2
+    assert "--variants chooses" in capsys.readouterr().err
+    assert main([*argv, "--out", str(earlier), "--overwrite"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["seq_len"] == 128  # tiny's max_seq_len, under the default 256
+    assert json.loads(earlier.read_text()) == printed

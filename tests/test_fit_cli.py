@@ -251,3 +251,11 @@ def test_jtok_fit_unknown_variant_changes_nothing(tmp_path, capsys):
     assert_one_line_error(capsys, [str(sweep), "--variants", "baseline,nope"],
                           contains="nope: no such variant")  # fmt: skip
     assert tree_digest(tmp_path) == before
+
+
+def test_fit_prints_the_objective_change_with_one_sign():
+    from jtok.studies.fit.report import _change
+
+    assert _change({"relative_improvement": -0.0}) == "+0.0%"
+    assert _change({"relative_improvement": 0.032}) == "-3.2%"
+    assert _change({"relative_improvement": None}) == "n/a"

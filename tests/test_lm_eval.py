@@ -337,3 +337,16 @@ def test_lm_eval_hf_path_on_the_export_gives_the_same_scores(run_dir, tmp_path, 
         per_choice = (s["filtered_resps"] for s in (sample_hf, sample_ours))  # (ll, greedy)
         for (ll_hf, _), (ll_ours, _) in zip(*per_choice, strict=True):
             assert ll_hf == pytest.approx(ll_ours, abs=1e-4)
+
+
+def test_jtoklm_names_an_export_passed_as_a_run_and_a_retrofit_export(tmp_path):
+    from jtok.evaluation.lm_eval_model import EvalModelError
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"architectures": ["JTokForCausalLM"]}))
+    with pytest.raises(EvalModelError, match="pass it as pretrained=DIR"):
+        JTokLM(run=export)
+    (export / "jtok_retrofit.json").write_text("{}")
+    with pytest.raises(EvalModelError, match="JTokLM does not load: pass its run as run="):
+        JTokLM(pretrained=export)

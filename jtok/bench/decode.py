@@ -447,7 +447,7 @@ def format_report(result: dict) -> str:
             f"{result['device']}{', compiled' if result['compile'] else ''}")  # fmt: skip
     lines = [head, f"{'placement':<10}{'batch':>6}  {'variant':<10}{'prefill ms':>11}"
                    f"{'ms/step':>9}{'tok/s':>9}{'ratio':>8}{'(quartiles)':>14}"
-                   f"{'95% CI of ratio':>18}{'cpu ratio':>10}{'table on':>10}"]  # fmt: skip
+                   f"{'95% CI of ratio':>20}{'cpu ratio':>10}{'table on':>10}"]  # fmt: skip
     for placement in result["placements"]:
         for batch in result["batches"]:
             for name, variant in result["variants"].items():
@@ -456,7 +456,7 @@ def format_report(result: dict) -> str:
                     f"{placement:<10}{batch:>6}  {name:<10}{row['prefill_ms']:>11.1f}"
                     f"{row['decode_ms_per_step']:>9.2f}{row['tokens_per_s']:>9.0f}"
                     f"{row['ratio_to_baseline']:>8.3f}{quartile_text(row['ratio_quartiles']):>14}"
-                    f"{interval_text(row['ratio_ci'], row['ratio_ci_coverage']):>18}"
+                    f"{interval_text(row['ratio_ci'], row['ratio_ci_coverage']):>20}"
                     f"{row['cpu_ratio_to_baseline']:>10.3f}"
                     f"{row['table_device'] or '-':>10}"
                 )  # fmt: skip

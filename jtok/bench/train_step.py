@@ -330,14 +330,14 @@ def format_report(result: dict) -> str:
         + (", every model compiled" if result.get("compile") else "")
     )
     lines = [head, f"{'variant':<12}{'N_c':>12}{'N_n':>12}{'ms/step':>10}{'tok/s':>9}"
-                   f"{'ratio':>8}{'(quartiles)':>14}{'95% CI of ratio':>18}{'cpu ms':>9}"
+                   f"{'ratio':>8}{'(quartiles)':>14}{'95% CI of ratio':>20}{'cpu ms':>9}"
                    f"{'cpu ratio':>10}"]  # fmt: skip
     for name, v in result["variants"].items():
         lines.append(
             f"{name:<12}{v['backbone_params']:>12,}{v['token_params']:>12,}"
             f"{v['step_ms_median']:>10.1f}{v['tokens_per_s']:>9.0f}{v['ratio_to_baseline']:>8.3f}"
             f"{quartile_text(v['ratio_quartiles']):>14}"
-            f"{interval_text(v['ratio_ci'], v['ratio_ci_coverage']):>18}"
+            f"{interval_text(v['ratio_ci'], v['ratio_ci_coverage']):>20}"
             f"{v['cpu_ms_median']:>9.1f}{v['cpu_ratio_to_baseline']:>10.3f}"
         )
     with_phases = [(n, v["phase_ms_median"]) for n, v in result["variants"].items()

@@ -72,6 +72,7 @@ def _apply_mode_defaults(args: argparse.Namespace) -> None:
             raise UsageError(f"{_flag(name)} applies to `jtok bench "
                              f"{'decode' if args.mode == 'train' else '(train)'}`, not to "
                              f"`jtok bench {args.mode}`")  # fmt: skip
+    args.seq_len_default = args.seq_len is None
     for name, default in own.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -102,11 +103,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     variants = parse_variants(args.variants)
     if args.out is not None:
         check_output_file(args.out, "--out")
+        if args.out.exists() and not args.overwrite:
+            raise UsageError(f"--out {args.out} exists; use --overwrite to replace it")
+    if any(key.split("=", 1)[0].strip().removeprefix("model.") == "tokmod.kind"
+           for key in args.overrides or []):  # fmt: skip
+        raise UsageError("--set tokmod.kind: --variants chooses the modulation of each model")
     if args.mode == "decode":
         return _bench_decode(args, cfg, variants)
 
     from jtok.parallel.resources import check_memory
 
+    if args.seq_len_default:  # the default follows a short-context preset (tiny: 128)
+        args.seq_len = min(args.seq_len, cfg.max_seq_len)
     if args.seq_len > cfg.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len {cfg.max_seq_len}")
     from jtok.bench.train_step import (
@@ -209,10 +217,12 @@ def register(sub) -> None:
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--out", type=Path, help="also write the JSON result here (a file in "
                        "an existing folder)")  # fmt: skip
+    bench.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     train = bench.add_argument_group("train mode")
     train.add_argument("--batch", type=positive_int, default=None, help="sequences (default 8)")
     train.add_argument("--seq-len", type=positive_int, default=None,
-                       help="tokens per sequence (default 256)")
+                       help="tokens per sequence (default 256, or the model's max_seq_len if "
+                       "shorter)")
     train.add_argument("--steps", type=positive_int, default=None,
                        help="timed steps per repetition (default 5)")
     train.add_argument("--optimizer", choices=["adamw", "sparse"], default=None,

@@ -80,13 +80,17 @@ def load_config_file(path: Path) -> ModelConfig:
 
 
 def resolve_model_config(args: argparse.Namespace) -> ModelConfig:
+    """The model of --preset / --config with the --set overrides; keys may be spelled as
+    `jtok config` prints them (model.d_model)."""
     if args.config is not None:
         cfg = load_config_file(args.config)
     elif args.preset is not None:
         cfg = preset(args.preset)
     else:
         raise UsageError("give --preset NAME or --config FILE")
-    return cfg.with_overrides(parse_overrides(args.overrides))
+    overrides = {key.removeprefix("model."): value
+                 for key, value in parse_overrides(args.overrides).items()}  # fmt: skip
+    return cfg.with_overrides(overrides)
 
 
 def run_override_key(key: str) -> str:

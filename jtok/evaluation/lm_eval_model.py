@@ -84,6 +84,11 @@ class JTokLM(TemplateLM):
             from jtok.run.rundir import load_run, saved_run_config
 
             run = Path(run)
+            from jtok.run.files import CONFIG_FILE, RUN_INFO_FILE
+
+            if (run / CONFIG_FILE).is_file() and not (run / RUN_INFO_FILE).is_file():
+                raise EvalModelError(f"{run} is not a run but (likely) a `jtok export` "
+                                     "folder: pass it as pretrained=DIR")  # fmt: skip
             saved = saved_run_config(run)
             dev = resolve_device(device or saved.train.device)
             run_cfg, self.model, state = load_run(run, checkpoint, device=dev,
@@ -94,6 +99,12 @@ class JTokLM(TemplateLM):
         else:
             import jtok.hf  # noqa: F401  (registers the Auto classes)
             from jtok.hf.modeling import JTokForCausalLM
+            from jtok.hf.retrofit_io import OPTIONS_FILE
+
+            if (Path(pretrained) / OPTIONS_FILE).is_file():
+                raise EvalModelError(f"{pretrained} is the export of a retrofitted Hugging "
+                                     "Face model, which JTokLM does not load: pass its run as "
+                                     "run=RUN_DIR (jtok.load_retrofit loads the export)")
 
             hf = JTokForCausalLM.from_pretrained(str(pretrained),
                                                  table_placement=table_placement)  # fmt: skip

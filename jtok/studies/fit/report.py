@@ -221,9 +221,16 @@ def format_summary(result: dict) -> str:
         p = par.get("effective") or par["plain"]
         lines.append(f"parametric: E={p['E']:.3f} A={p['A']:.3g} alpha={p['alpha']:.3f} "
                      f"B={p['B']:.3g} beta={p['beta']:.3f}"
-                     + (f" gamma={p['gamma']:.3f} (objective -{pct(par['relative_improvement'])})"
+                     + (f" gamma={p['gamma']:.3f} (objective {_change(par)})"
                         if p["gamma"] is not None else ""))  # fmt: skip
     lines += [f"note: {n}" for n in result["notes"]]
     out_dir = Path(result["output"])
     lines.append(f"wrote {', '.join(str(out_dir / f) for f in result['files'])}")
     return "\n".join(lines)
+
+
+def _change(par: dict) -> str:
+    """The objective's relative change from adding gamma, signed ("-3.2%"; "+0.0%", never
+    "--0.0%" when the improvement is a negative zero)."""
+    value = par.get("relative_improvement")
+    return "n/a" if value is None else f"{-100 * value + 0.0:+.1f}%"
