@@ -152,7 +152,8 @@ def parametric_analysis(
     # gamma is what a token parameter is worth in non-embedding backbone parameters).
     eta = np.array([r["N_n"] / r["N_c"] for r in chosen])
     plain = fit_parametric(n_c, tokens, loss)
-    section: dict[str, Any] = {"runs": len(chosen), "variants": [baseline, treatment],
+    fitted = [name for name in (baseline, treatment) if any(r["variant"] == name for r in chosen)]
+    section: dict[str, Any] = {"runs": len(chosen), "variants": fitted,
                                "delta": HUBER_DELTA, "plain": asdict(plain)}  # fmt: skip
     notes = _bound_notes("plain", plain)
     if not (np.any(eta == 0) and np.any(eta > 0) and len(chosen) >= 7):
