@@ -211,17 +211,22 @@ def test_leftovers_of_a_killed_save_are_cleaned_and_the_latest_complete_loads(tr
     assert not partial.exists()
 
 
-def test_divergence_stops_before_a_bad_checkpoint(tiny_data, tmp_path, monkeypatch):
+def explode_loss_after(monkeypatch, steps: int, factor: float) -> None:
+    """The trainer's loss, multiplied by `factor` (huge but finite) after `steps` calls."""
     import jtok.training.loop as train_module
 
     real_loss, calls = train_module.lm_loss, {"n": 0}
 
-    def exploding(model, x, y, *rest):  # huge but finite from the 26th step on
+    def exploding(model, x, y, *rest):
         calls["n"] += 1
         loss, out = real_loss(model, x, y, *rest)
-        return (loss * 1e6 if calls["n"] > 25 else loss), out
+        return (loss * factor if calls["n"] > steps else loss), out
 
     monkeypatch.setattr(train_module, "lm_loss", exploding)
+
+
+def test_divergence_stops_before_a_bad_checkpoint(tiny_data, tmp_path, monkeypatch):
+    explode_loss_after(monkeypatch, 25, 1e6)  # from the 26th step on
     run = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"exploded.*at step 25.*step_00000024"):
         train(tiny_run_config(tiny_data, steps=40, save_every=4, keep_checkpoints=1), run,
@@ -234,16 +239,7 @@ def test_divergence_stops_before_a_bad_checkpoint(tiny_data, tmp_path, monkeypat
 def test_an_explosion_in_the_first_steps_stops_training(tiny_data, tmp_path, monkeypatch):
     """Before a median of 20 steps exists, the lowest loss so far is the reference: a loss
     that jumps 100x at the third step stops the run there, with nothing saved."""
-    import jtok.training.loop as train_module
-
-    real_loss, calls = train_module.lm_loss, {"n": 0}
-
-    def exploding(model, x, y, *rest):
-        calls["n"] += 1
-        loss, out = real_loss(model, x, y, *rest)
-        return (loss * 100 if calls["n"] > 2 else loss), out
-
-    monkeypatch.setattr(train_module, "lm_loss", exploding)
+    explode_loss_after(monkeypatch, 2, 100)
     run = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"exploded.*the lowest of the first 2 steps"):
         train(tiny_run_config(tiny_data, steps=40, save_every=1, keep_checkpoints=1), run,

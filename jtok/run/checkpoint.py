@@ -26,6 +26,7 @@ from jtok.errors import JTokError
 from jtok.io import (
     fsync_dir,
     read_json,
+    replace_dir,
     save_tensors,
     write_json_atomic,  # noqa: F401  (demo imports it here; moves to jtok.io)
 )
@@ -216,14 +217,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written folder left behind
         raise
-    if final.exists():  # re-saving a step: move the old one aside first, then drop it
-        old = root / f".old-{checkpoint_name(step)}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(root)
+    replace_dir(tmp, final)  # a re-saved step's old folder goes aside (.old-) first
     if keep is not None:
         # Never rotate away the newest checkpoint saved while training was healthy: if the
         # run diverges later, it is the one to go back to.
@@ -258,14 +252,7 @@ def save_checkpoint_distributed(run_dir: Path, step: int, model: torch.nn.Module
                  "format": "dcp", **meta, "optimizer": _scalars_only(rest)}  # fmt: skip
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         _fsync(tmp / STATE_FILE)
-        if final.exists():  # re-saving a step: aside first, so no state-less step folder
-            old = root / f".old-{checkpoint_name(step)}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
+        replace_dir(tmp, final)  # a re-saved step: aside first, never a state-less folder
         if keep is not None:
             protected = last_healthy_checkpoint(run_dir)
             for stale in list_checkpoints(run_dir)[:-keep]:
