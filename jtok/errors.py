@@ -7,6 +7,7 @@ its own, free of heavy imports, so that `jtok --help` does not have to load torc
 from __future__ import annotations
 
 import errno
+import os
 import re
 
 # The machine's state, not a defect: a full disk or quota, a read-only file system, a path
@@ -28,3 +29,10 @@ def environment_errno(err: BaseException) -> int | None:
         found = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(err))
         number = int(found.group(1) or found.group(2)) if found else None
     return number if number in ENVIRONMENT_ERRNOS else None
+
+
+def environment_message(err: BaseException, number: int) -> str:
+    """"No space left on device: FILE" for an error with `environment_errno` `number`."""
+    detail = getattr(err, "strerror", None) or os.strerror(number)
+    where = f": {err.filename}" if getattr(err, "filename", None) else ""
+    return detail + where

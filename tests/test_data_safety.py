@@ -494,3 +494,23 @@ def test_stages_of_killed_prepares_are_removed_and_live_ones_kept(tmp_path):
     assert not stale.exists() and live.is_dir() and other.is_dir()
     assert any(".data.new-killed" in m and "interrupted prepare" in m for m in messages)
     assert load_manifest(out)["splits"]["train"]["tokens"] > 0
+
+
+def test_an_output_name_holding_the_stage_marker_gets_a_matching_stage(tmp_path, monkeypatch):
+    """The stage's name is built from --out's name, not by replacing the marker in it:
+    `.a.making-b.making-XXXX` must become `.a.making-b.new-XXXX` (what the stale-stage sweep
+    of `a.making-b` looks for), not `.a.new-b.making-XXXX`."""
+    text = tmp_path / "a.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "a.making-b"
+    stages, real_swap = [], outdir._swap_in
+
+    def swap(stage, target, log):
+        stages.append(stage.name)
+        return real_swap(stage, target, log)
+
+    monkeypatch.setattr(outdir, "_swap_in", swap)
+    run_prepare([text], out)
+    assert len(stages) == 1 and stages[0].startswith(".a.making-b.new-"), stages
+    assert load_manifest(out)["splits"]["train"]["tokens"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.making-b", "a.txt"]

@@ -202,7 +202,7 @@ def test_cli_tasks_mistakes_are_one_line(run_dir, tmp_path, capsys):
     for argv, message in [
         ([*run, *tasks, "--split", "train"], "(got --split)"),
         ([*run, *tasks, "--out", str(earlier)], "already holds results.json"),
-        ([*run, *tasks, "--out", str(a_file)], "exists and is not a folder"),
+        ([*run, *tasks, "--out", str(a_file)], "is a file, not a folder"),
         ([*run, "--tasks", TASK, "--include-path", str(a_file)], "no such folder"),
         ([*run, "--batch-size", "4"], "--batch-size applies to --tasks only"),
         ([*run, "--verbose"], "--verbose applies to --tasks only"),

@@ -17,7 +17,7 @@ import warnings
 
 from jtok import __version__
 from jtok.cli import bench, checkpoint, data, hf, inference, model, run, studies
-from jtok.errors import JTokError, environment_errno
+from jtok.errors import JTokError, environment_errno, environment_message
 
 
 class ArgumentsError(JTokError):
@@ -89,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             raise  # not the machine's state: a defect, with its traceback
         # A full disk, a read-only or forbidden path (also stdout: `> /dev/full`): what was
         # being written stays as it was (every writer is atomic); say so in one line.
-        detail = getattr(err, "strerror", None) or os.strerror(number)
-        where = f": {err.filename}" if getattr(err, "filename", None) else ""
-        print(f"jtok {args.command}: error: {detail}{where}", file=sys.stderr)
+        print(f"jtok {args.command}: error: {environment_message(err, number)}",
+              file=sys.stderr)
         try:
             sys.stdout.flush()
         except OSError:  # stdout itself cannot be written: keep exit's flush quiet

@@ -11,6 +11,7 @@ from jtok.cli.common import (
     UsageError,
     add_model_arguments,
     nonnegative_int,
+    parse_overrides,
     positive_int,
     resolve_model_config,
 )
@@ -105,8 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_output_file(args.out, "--out")
         if args.out.exists() and not args.overwrite:
             raise UsageError(f"--out {args.out} exists; use --overwrite to replace it")
-    if any(key.split("=", 1)[0].strip().removeprefix("model.") == "tokmod.kind"
-           for key in args.overrides or []):  # fmt: skip
+    if {"tokmod.kind", "model.tokmod.kind"} & set(parse_overrides(args.overrides)):
         raise UsageError("--set tokmod.kind: --variants chooses the modulation of each model")
     if args.mode == "decode":
         return _bench_decode(args, cfg, variants)

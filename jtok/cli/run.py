@@ -100,9 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
     """The flags among `names` (attribute names) the command line set."""
-    flags = {"include_path": "--include-path", "num_fewshot": "--num-fewshot",
-             "max_tokens": "--max-tokens", "batch_size": "--batch-size"}  # fmt: skip
-    return [flags.get(n, "--" + n) for n in names
+    return ["--" + n.replace("_", "-") for n in names
             if getattr(args, n) is not None and getattr(args, n) is not False]  # 0 is given
 
 

@@ -196,7 +196,8 @@ def staged_directory(out: Path, log: Callable[[str], Any] = print) -> Iterator[P
     try:
         # Made under a name the stale-stage sweep does not match, locked, then renamed: a
         # concurrent prepare never sees this stage unlocked (the lock follows the inode).
-        making = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.making-"))
+        making_prefix = f".{out.name}.making-"
+        making = Path(tempfile.mkdtemp(dir=out.parent, prefix=making_prefix))
     except OSError as err:
         _remove_empty(created)
         raise DataError(f"cannot write in {out.parent}: {err.strerror}") from None
@@ -204,7 +205,7 @@ def staged_directory(out: Path, log: Callable[[str], Any] = print) -> Iterator[P
         lock: int | None = _locked(making)
     except OSError:  # a file system without flock: the stage is then never judged stale
         lock = None
-    stage = making.with_name(making.name.replace(".making-", ".new-", 1))
+    stage = making.with_name(f".{out.name}.new-{making.name[len(making_prefix):]}")
     try:
         os.rename(making, stage)
     except OSError as err:

@@ -97,11 +97,9 @@ COMPARE_FILES = ("compare.json", "compare.md")  # `jtok eval --compare ... --out
 def check_out_folder(out: Path, compare: bool, overwrite: bool) -> None:
     """Before any scoring: `out` is a folder (or can be made) where the results may be
     written; earlier results there are kept unless `overwrite`."""
-    if out.exists() and not out.is_dir():
-        raise HarnessError(f"--out {out} exists and is not a folder")
-    parent = out if out.exists() else next(p for p in out.parents if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise HarnessError(f"--out {out}: {parent} is not a writable folder")
+    from jtok.parallel.resources import check_output_dir
+
+    check_output_dir(out, "--out")  # a folder, or one that can be made, and writable
     present = [name for name in (COMPARE_FILES if compare else RESULT_FILES)
                if (out / name).exists()]  # fmt: skip
     if present and not overwrite:

@@ -80,12 +80,10 @@ class JTokLM(TemplateLM):
         elif (run is None) == (pretrained is None):
             raise EvalModelError("JTokLM needs exactly one of run=RUN_DIR or pretrained=DIR")
         elif run is not None:
-            from jtok.run.files import TOKENIZER_FILE
+            from jtok.run.files import CONFIG_FILE, RUN_INFO_FILE, TOKENIZER_FILE
             from jtok.run.rundir import load_run, saved_run_config
 
             run = Path(run)
-            from jtok.run.files import CONFIG_FILE, RUN_INFO_FILE
-
             if (run / CONFIG_FILE).is_file() and not (run / RUN_INFO_FILE).is_file():
                 raise EvalModelError(f"{run} is not a run but (likely) a `jtok export` "
                                      "folder: pass it as pretrained=DIR")  # fmt: skip

@@ -71,9 +71,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     damaged checkpoint (saves rename a complete folder into place): an error, never a
     silent fall-back to an older step."""
     folders = _step_folders(run_dir)  # one listing: a save renamed in later is not seen
-    complete = [p for p in folders if (p / STATE_FILE).is_file()]
-    newest = folders[-1] if folders else None
-    if newest is not None and newest not in complete and not (newest / STATE_FILE).is_file():
+    if not folders:
+        return None
+    newest = folders[-1]
+    if not (newest / STATE_FILE).is_file():
+        complete = [p for p in folders if (p / STATE_FILE).is_file()]
         before = f"; the one before is {complete[-1].name}" if complete else ""
         raise CheckpointError(f"checkpoint {newest} is damaged: it has no {STATE_FILE} (move "
                               f"it out of {CHECKPOINT_DIR}/ to use an older one{before})")

@@ -218,12 +218,12 @@ def check_study_dir(out: Path, spec: dict) -> None:
                              f"{spec.get('name')!r}; give each study a folder of its own")
 
 
-def preflight(runs: list[PlannedRun], out: Path, spec: dict | None = None) -> None:
+def preflight(runs: list[PlannedRun], out: Path, spec: dict) -> None:
     """Check, before anything is written or trained, what would stop a run later: the
-    output path, every data directory, every device, and every run's memory needs."""
+    output path and what it holds, every data directory, every device, and every run's
+    memory needs."""
     check_out_dir(out)
-    if spec is not None:
-        check_study_dir(out, spec)
+    check_study_dir(out, spec)
     for data_dir in dict.fromkeys(r.config.train.data for r in runs):
         data.verify_data_dir(data_dir)
     for run in runs:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 from jtok import data
 from jtok.config import RunConfig
-from jtok.errors import JTokError, environment_errno
+from jtok.errors import JTokError, environment_errno, environment_message
 from jtok.nn.ffn import MoE, update_balance_bias
 from jtok.nn.model import build_model
 from jtok.parallel.distributed import (
@@ -69,7 +68,6 @@ from jtok.training.optim import Optimizers, lr_factor
 
 class TrainingError(JTokError):
     """A run cannot go on (diverged loss, ...)."""
-
 
 
 def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float,
@@ -322,13 +320,12 @@ def _train(plan: StartPlan, env: DistEnv, micro_rows: int, progress: bool, say) 
             if number is None:
                 raise  # a defect keeps its traceback
             # The checkpoint's temporary folder is gone (checkpoint.save_checkpoint).
-            detail = getattr(err, "strerror", None) or os.strerror(number)
-            where = f": {err.filename}" if getattr(err, "filename", None) else ""
             previous = "an earlier checkpoint"
             with contextlib.suppress(JTokError):
                 previous = str(ckpt.latest_checkpoint(run_dir) or "step 0")
-            raise TrainingError(f"saving the checkpoint of step {step} failed ({detail}{where});"
-                                f" --resume continues from {previous}") from None
+            raise TrainingError(f"saving the checkpoint of step {step} failed "
+                                f"({environment_message(err, number)}); --resume continues "
+                                f"from {previous}") from None
 
     def write_checkpoint(step: int) -> None:
         if not _weights_finite(model, env):
