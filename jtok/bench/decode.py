@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from jtok.allocator import allocator_setting
 from jtok.bench.paired import (
     interval_text,
     quartile_text,
@@ -403,6 +404,7 @@ def decode_benchmark(cfg: ModelConfig, variants: list[str], batches: list[int],
         "new_tokens": new_tokens, "reps": reps, "warmup": warmup, "greedy": True,
         "compile": compile_model, "device": str(device), "shared_backbone": share,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "allocator": allocator_setting(),
         "machine": platform.machine(),
         "baseline_note": "the baseline has no tables: one model, timed once per repetition "
                          "and listed under every placement",
@@ -445,6 +447,8 @@ def format_report(result: dict) -> str:
     head = (f"decode, prompt {result['prompt_len']} + {result['new_tokens']} new tokens "
             f"(greedy), {result['reps']} reps, {result['threads']} threads on "
             f"{result['device']}{', compiled' if result['compile'] else ''}")  # fmt: skip
+    if "allocator" in result:
+        head += f"\nhost allocator: {result['allocator']}"
     lines = [head, f"{'placement':<10}{'batch':>6}  {'variant':<10}{'prefill ms':>11}"
                    f"{'ms/step':>9}{'tok/s':>9}{'ratio':>8}{'(quartiles)':>14}"
                    f"{'95% CI of ratio':>20}{'cpu ratio':>10}{'table on':>10}"]  # fmt: skip

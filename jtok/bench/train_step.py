@@ -33,6 +33,7 @@ from collections import defaultdict
 
 import torch
 
+from jtok.allocator import allocator_setting
 from jtok.bench.paired import (
     interval_text,
     quartile_text,
@@ -288,6 +289,7 @@ def train_step_benchmark(cfg: ModelConfig, variants: list[str], batch: int, seq_
         "optimizer": optimizer, "threads": torch.get_num_threads(), "device": str(device),
         "compile": compile_model,
         "torch": torch.__version__, "machine": platform.machine(),
+        "allocator": allocator_setting(),
         "unique_ids_per_batch": statistics.median(unique),
         "variants": {},
     }  # fmt: skip
@@ -328,6 +330,7 @@ def format_report(result: dict) -> str:
         f"{result['reps']} reps x {result['steps']} steps, optimizer {result['optimizer']}, "
         f"{result['threads']} threads, ~{result['unique_ids_per_batch']:.0f} distinct ids/batch"
         + (", every model compiled" if result.get("compile") else "")
+        + (f"\nhost allocator: {result['allocator']}" if "allocator" in result else "")
     )
     lines = [head, f"{'variant':<12}{'N_c':>12}{'N_n':>12}{'ms/step':>10}{'tok/s':>9}"
                    f"{'ratio':>8}{'(quartiles)':>14}{'95% CI of ratio':>20}{'cpu ms':>9}"
