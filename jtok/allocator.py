@@ -95,9 +95,13 @@ def keep_freed_memory(environ=None, libc=None) -> str:
     elif (version := _glibc_version() if libc is None else "glibc (given)") is None:
         _setting = "the platform's (not glibc)"
     else:
-        libc = ctypes.CDLL(None) if libc is None else libc
-        done = libc.mallopt(_M_MMAP_MAX, 0) == 1
-        done = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and done
+        try:
+            mallopt = (ctypes.CDLL(None) if libc is None else libc).mallopt
+        except (OSError, AttributeError):  # a stripped or unusual build: leave it alone
+            _setting = f"{version} defaults (no mallopt)"
+            return _setting
+        done = mallopt(_M_MMAP_MAX, 0) == 1
+        done = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and done
         _setting = (f"{version}: freed memory kept (no mmap per block, 2 GiB trim threshold)"
                     if done else f"{version} defaults (mallopt refused)")  # fmt: skip
         if preloaded:

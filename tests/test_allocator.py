@@ -64,6 +64,10 @@ def test_a_refusal_and_a_preloaded_allocator_are_reported():
     assert "LD_PRELOAD=libjemalloc.so.2" in setting
 
 
+def test_a_c_library_without_mallopt_is_left_alone():
+    assert "no mallopt" in allocator.keep_freed_memory(environ={}, libc=object())
+
+
 def test_main_with_an_argv_leaves_the_allocator_alone(monkeypatch, capsys):
     called = []
     monkeypatch.setattr("jtok.cli.keep_freed_memory", lambda: called.append(1))
