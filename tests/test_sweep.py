@@ -330,3 +330,25 @@ def test_a_preset_vocabulary_follows_the_data_in_config_train_and_sweeps(tiny_da
                  f"data={tmp_path}", "--out", str(tmp_path / "run")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "disagree" in err and not (tmp_path / "run").exists(), err
+
+
+def test_an_axis_over_data_gives_each_run_its_own_datas_vocabulary(tiny_data, tmp_path):
+    """base.preset with an axis over train.data: each run's vocabulary follows its own data
+    (V 320 and V 300 here), as `jtok train --preset P --data D` would; a vocab_size the
+    spec sets stays."""
+    from jtok.data import prepare
+
+    small_vocab = tmp_path / "v300"
+    prepare([str(tiny_data.parent / "corpus.txt")], small_vocab, vocab_size=300,
+            val_fraction=0.1, progress=False, log=lambda msg: None)  # fmt: skip
+    spec = spec_dict(tiny_data)
+    del spec["base"]["model"]["vocab_size"]
+    spec["axes"] = {"data": {"v320": {}, "v300": {"train.data": str(small_vocab)}}}
+    vocab = {r.labels["data"]: r.config.model.vocab_size for r in plan(spec)}
+    assert vocab == {"v320": 320, "v300": 300}
+    spec["axes"]["data"]["v300"]["model.vocab_size"] = 384
+    assert {r.labels["data"]: r.config.model.vocab_size for r in plan(spec)} == {
+        "v320": 320, "v300": 384}
+    spec["base"]["model"]["vocab_size"] = 400  # the spec's own: no run follows its data
+    del spec["axes"]["data"]["v300"]["model.vocab_size"]
+    assert {r.config.model.vocab_size for r in plan(spec)} == {400}

@@ -66,6 +66,20 @@ class PlannedRun:
         return count_flops(self.config.model, self.config.train.seq_len).train * self.tokens
 
 
+def _data_vocab(data_dir: Any) -> int | None:
+    """The vocabulary size of prepared data, or None where it cannot be read (missing data
+    is reported by the sweep's preflight; the plan then keeps the preset's)."""
+    with contextlib.suppress(DataError):
+        return int(load_manifest(str(data_dir))["vocab_size"])
+    return None
+
+
+def _vocab_follows_data(base: dict[str, Any]) -> bool:
+    """As in `jtok train --preset`: a preset's vocabulary follows the data's tokenizer,
+    unless the spec sets it."""
+    return "preset" in base and "vocab_size" not in base.get("model", {})
+
+
 def _base_config(base: dict[str, Any]) -> RunConfig:
     if not isinstance(base, dict):
         raise SweepError("sweep spec: base must be a mapping")
@@ -77,12 +91,8 @@ def _base_config(base: dict[str, Any]) -> RunConfig:
             raise SweepError(f"sweep spec: base.{section} must be a mapping")
     model = preset(base["preset"]) if "preset" in base else ModelConfig()
     data_dir = base.get("train", {}).get("data")
-    if "preset" in base and "vocab_size" not in base.get("model", {}) and data_dir:
-        # As in `jtok train --preset`: a preset's vocabulary follows the data's tokenizer.
-        # Missing data is reported by the sweep's preflight; the plan keeps the preset's.
-        with contextlib.suppress(DataError):
-            model = model.with_overrides(
-                {"vocab_size": int(load_manifest(str(data_dir))["vocab_size"])})
+    if _vocab_follows_data(base) and data_dir and (vocab := _data_vocab(data_dir)) is not None:
+        model = model.with_overrides({"vocab_size": vocab})
     model_dict = _deep_merge(model.to_dict(), base.get("model", {}))
     train_dict = _deep_merge(TrainConfig(seq_len=model.max_seq_len).to_dict(),
                              base.get("train", {}))  # fmt: skip
@@ -185,6 +195,7 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
     if unknown:
         raise SweepError(f"sweep spec: unknown key {unknown[0]!r} (known: {sorted(SPEC_KEYS)})")
     base = _base_config(spec.get("base", {}))
+    follows_data = _vocab_follows_data(spec.get("base", {}))
     axes: dict[str, dict[str, dict]] = spec.get("axes") or {}
     if not isinstance(axes, dict):
         raise SweepError("sweep spec: axes must map axis names to {value name: overrides}")
@@ -219,6 +230,9 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
         for axis, (value_name, value_overrides) in zip(axes, combo, strict=True):
             labels[axis] = str(value_name)
             overrides.update(value_overrides or {})
+        if (follows_data and "train.data" in overrides and "model.vocab_size" not in overrides
+                and (vocab := _data_vocab(overrides["train.data"])) is not None):  # fmt: skip
+            overrides["model.vocab_size"] = vocab  # an axis over data: each run follows its own
         axis_keys = {k[6:] for k in overrides if k.startswith("train.")}
         _check_budget_keys(axis_keys, f"axes {labels}", warmup_fraction)
         set_keys = base_train_keys | axis_keys
