@@ -205,6 +205,29 @@ def test_eval_generate_sample_from_the_run(trained_run, capsys):
     assert out.startswith("the king")
 
 
+def test_batched_generation_never_runs_past_the_context(trained_run):
+    """Prompts of mixed lengths whose budgets reach the context: every HF generate call
+    stays within it (a long prompt is not batched with a short one's larger budget), and
+    the ids equal one prompt at a time."""
+    _, model, _ = load_run(trained_run)
+    context = model.cfg.max_seq_len
+    prompts = [[5] * (context - 3), [6, 7], [8] * (context // 2), [9] * (context - 1)]
+    calls = []
+    generate = model.hf.generate
+
+    def recording(**kwargs):
+        calls.append(kwargs["input_ids"].shape[1] + kwargs["generation_config"].max_new_tokens)
+        return generate(**kwargs)
+
+    model.hf.generate = recording
+    stops = [frozenset()] * len(prompts)
+    batched = model.generate_batch(prompts, 10_000, 0.0, 0, 1.0, 0, stops, None)
+    assert calls and max(calls) <= context
+    assert [len(p) + len(new) for p, new in zip(prompts, batched, strict=True)] == [context] * 4
+    one_by_one = model.generate_batch(prompts, 10_000, 0.0, 0, 1.0, 0, stops, 1)
+    assert batched == one_by_one
+
+
 def test_export_loads_with_load_retrofit(trained_run, tmp_path, capsys):
     out_dir = tmp_path / "export"
     code, _, err = _cli(["export", "--run", trained_run, "--out", out_dir], capsys)

@@ -420,8 +420,7 @@ class RetrofitLM(nn.Module):
         self.eval()
         try:
             for stop, members in groups.items():
-                for begin in range(0, len(members), size):
-                    rows = members[begin : begin + size]
+                for rows in _within_context(members, size, prompts, budgets, context):
                     news = self._generate([prompts[i] for i in rows],
                                           max(budgets[i] for i in rows), temperature, top_k,
                                           top_p, seed * 1_000_003 + rows[0], stop)  # fmt: skip
@@ -459,6 +458,25 @@ class RetrofitLM(nn.Module):
             out = self.hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    generation_config=config)  # fmt: skip
         return [row[width:].tolist() for row in out.cpu()]
+
+
+def _within_context(members: list[int], size: int, prompts, budgets: list[int],
+                    context: int):  # fmt: skip
+    """Batches of at most `size` consecutive rows of `members` (longest prompt first) whose
+    longest prompt plus largest budget fits the context. A left-padded batch generates its
+    largest budget for every row, so a long prompt batched with a short one would run past
+    the context (wasted steps that are cut off, and transformers' max-length warning). A row
+    alone always fits: its budget is at most the context less its prompt."""
+    batch: list[int] = []
+    for i in members:
+        widest = len(prompts[batch[0]]) if batch else 0
+        if batch and (len(batch) == size
+                      or widest + max(budgets[i], *(budgets[j] for j in batch)) > context):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def hf_model_of(model: nn.Module) -> nn.Module:
