@@ -205,6 +205,18 @@ def test_eval_generate_sample_from_the_run(trained_run, capsys):
     assert out.startswith("the king")
 
 
+def test_commands_reading_jtok_configs_name_a_retrofit_runs_config(trained_run, tmp_path,
+                                                                    capsys):  # fmt: skip
+    config = trained_run / "config.json"
+    for argv in (["info", "--config", config], ["config", "--config", config],
+                 ["bench", "--config", config],
+                 ["train", "--config", config, "--out", tmp_path / "new"]):  # fmt: skip
+        code, _, err = _cli(argv, capsys)
+        assert code == 2 and "retrofitted Hugging Face model" in err, (argv, err)
+        assert len(err.splitlines()) == 1 and "unknown key" not in err
+    assert not (tmp_path / "new").exists()
+
+
 def test_batched_generation_never_runs_past_the_context(trained_run):
     """Prompts of mixed lengths whose budgets reach the context: every HF generate call
     stays within it (a long prompt is not batched with a short one's larger budget), and

@@ -74,8 +74,24 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return overrides
 
 
+def load_config_mapping(path: Path) -> dict:
+    """A --config file's mapping, for commands that read jtok's own configs. A retrofit
+    run's config.json (an HF model's record) is named as such: read as a jtok config, its
+    `retrofit` section was only an "unknown key"."""
+    from jtok.run.files import RETROFIT_RECORD_KEY
+
+    raw = load_mapping(path)
+    if isinstance(raw, dict) and RETROFIT_RECORD_KEY in raw:
+        raise UsageError(
+            f"--config {path} is the run config of a retrofitted Hugging Face model (jtok "
+            "train --init-from-hf), not a jtok model config: continue its run with `jtok "
+            "train --resume --out RUN`, start another with `--init-from-hf DIR`; its table "
+            f"options are under {RETROFIT_RECORD_KEY}.options")  # fmt: skip
+    return raw
+
+
 def load_config_file(path: Path) -> ModelConfig:
-    data = load_mapping(path)
+    data = load_config_mapping(path)
     return ModelConfig.from_dict(data.get("model", data))  # a run config nests "model"
 
 

@@ -9,6 +9,7 @@ import json
 from jtok.cli.common import (
     UsageError,
     add_model_arguments,
+    load_config_mapping,
     nonnegative_int,
     parse_overrides,
     positive_int,
@@ -112,11 +113,10 @@ def resolve_config(args: argparse.Namespace):
     preset's or a model config file's model with the trainer's defaults (seq_len capped
     by the model's max_seq_len), or a run config file."""
     from jtok.config import ModelConfig, RunConfig, TrainConfig
-    from jtok.config_file import load_mapping
 
     overrides = {run_override_key(k): v for k, v in parse_overrides(args.overrides).items()}
     if args.config is not None:
-        raw = load_mapping(args.config)
+        raw = load_config_mapping(args.config)
         if "model" in raw or "train" in raw:  # a run config, as `jtok train` reads it
             base = RunConfig.from_dict(raw)
         else:

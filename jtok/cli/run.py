@@ -11,13 +11,13 @@ from jtok.cli.common import (
     UsageError,
     add_model_arguments,
     check_run_and_checkpoint,
+    load_config_mapping,
     nonnegative_int,
     parse_overrides,
     preset_for,
     run_override_key,
 )
 from jtok.config import ModelConfig
-from jtok.config_file import load_mapping
 
 
 def resolve_run_config(args: argparse.Namespace):
@@ -42,7 +42,7 @@ def resolve_run_config(args: argparse.Namespace):
     if args.allow_change:
         raise UsageError("--allow-change applies to --resume only")
     if args.config is not None:
-        raw = load_mapping(args.config)
+        raw = load_config_mapping(args.config)
         if "model" in raw or "train" in raw:
             base = RunConfig.from_dict(raw)
         else:
