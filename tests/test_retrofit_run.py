@@ -217,6 +217,18 @@ def test_commands_reading_jtok_configs_name_a_retrofit_runs_config(trained_run, 
     assert not (tmp_path / "new").exists()
 
 
+def test_batches_within_the_context():
+    from jtok.hf.retrofit_run import _within_context
+
+    prompts = [[0] * 60, [0] * 50, [0] * 40]
+    assert list(_within_context([0, 1, 2], 3, prompts, [4, 4, 4], 64)) == [[0, 1, 2]]
+    assert list(_within_context([0, 1, 2], 2, prompts, [4, 4, 4], 64)) == [[0, 1], [2]]
+    # Budgets to the context: 60 + 14 > 64, so the 50-token prompt starts a new batch;
+    # 50 + 20 > 64 again.
+    assert list(_within_context([0, 1, 2], 3, prompts, [4, 14, 24], 64)) == [[0], [1], [2]]
+    assert list(_within_context([0, 1, 2], 3, prompts, [4, 4, 14], 64)) == [[0, 1], [2]]
+
+
 def test_batched_generation_never_runs_past_the_context(trained_run):
     """Prompts of mixed lengths whose budgets reach the context: every HF generate call
     stays within it (a long prompt is not batched with a short one's larger budget), and

@@ -16,7 +16,6 @@ import sys
 import warnings
 
 from jtok import __version__
-from jtok.allocator import keep_freed_memory
 from jtok.cli import bench, checkpoint, data, hf, inference, model, run, studies
 from jtok.errors import JTokError, environment_errno, environment_message
 
@@ -51,11 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Without `argv` this is the program (`jtok`, `python -m jtok`):
-    it reads sys.argv and tunes the process's allocator (`jtok.allocator`). Given an
-    `argv` (tests, a program embedding jtok) it leaves the process's allocator alone."""
-    if argv is None:
-        keep_freed_memory()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -84,9 +84,9 @@ def load_config_mapping(path: Path) -> dict:
     if isinstance(raw, dict) and RETROFIT_RECORD_KEY in raw:
         raise UsageError(
             f"--config {path} is the run config of a retrofitted Hugging Face model (jtok "
-            "train --init-from-hf), not a jtok model config: continue its run with `jtok "
-            "train --resume --out RUN`, start another with `--init-from-hf DIR`; its table "
-            f"options are under {RETROFIT_RECORD_KEY}.options")  # fmt: skip
+            "train --init-from-hf), not a jtok model config; its table options are under "
+            f"{RETROFIT_RECORD_KEY}.options. For its run: `jtok train --resume --out RUN`, "
+            "`jtok eval --run RUN`; for another: `jtok train --init-from-hf DIR`")  # fmt: skip
     return raw
 
 

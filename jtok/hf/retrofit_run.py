@@ -463,18 +463,25 @@ class RetrofitLM(nn.Module):
 def _within_context(members: list[int], size: int, prompts, budgets: list[int],
                     context: int):  # fmt: skip
     """Batches of at most `size` consecutive rows of `members` (longest prompt first) whose
-    longest prompt plus largest budget fits the context. A left-padded batch generates its
-    largest budget for every row, so a long prompt batched with a short one would run past
-    the context (wasted steps that are cut off, and transformers' max-length warning). A row
+    longest prompt plus largest budget fits the context.
+
+    A left-padded batch generates its largest budget for every row, so a long prompt
+    batched with a short prompt's larger budget would run past the context: steps that are
+    cut off afterwards, transformers' max-length warning, and with a dynamically scaled
+    RoPE a frequency change for the whole batch, short rows included, once any row passes
+    the trained length. The price: where budgets reach the context (max_new_tokens at
+    least the context less the prompts), only prompts of one length share a batch. A row
     alone always fits: its budget is at most the context less its prompt."""
     batch: list[int] = []
+    widest = largest = 0
     for i in members:
-        widest = len(prompts[batch[0]]) if batch else 0
-        if batch and (len(batch) == size
-                      or widest + max(budgets[i], *(budgets[j] for j in batch)) > context):
+        if batch and (len(batch) == size or widest + max(largest, budgets[i]) > context):
             yield batch
             batch = []
+        if not batch:
+            widest, largest = len(prompts[i]), 0
         batch.append(i)
+        largest = max(largest, budgets[i])
     if batch:
         yield batch
 

@@ -67,8 +67,9 @@ class PlannedRun:
 
 
 def _data_vocab(data_dir: Any) -> int | None:
-    """The vocabulary size of prepared data, or None where it cannot be read (missing data
-    is reported by the sweep's preflight; the plan then keeps the preset's)."""
+    """The vocabulary size of prepared data, or None where it cannot be read: missing data
+    is reported by the sweep's preflight, and until then the plan keeps the vocabulary it
+    had (the preset's, or for an axis over data the base data's)."""
     with contextlib.suppress(DataError):
         return int(load_manifest(str(data_dir))["vocab_size"])
     return None
