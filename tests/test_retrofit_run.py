@@ -365,3 +365,15 @@ def test_a_resume_that_changes_the_retrofit_options_is_refused_without_circular_
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "retrofit.options.n_e" in err and "fixed for its run" in err, err
     assert "--allow-change" not in err
+
+
+def test_a_resume_may_not_freeze_or_unfreeze_the_backbone(trained_run, capsys):
+    """Frozen parameters have no optimizer state, so the checkpoint's would not load: the
+    resume used to rewrite config.json and run.json first, and every later resume failed."""
+    files = {p: p.read_bytes() for p in (trained_run / "config.json", trained_run / "run.json")}
+    code, _, err = _cli(["train", "--out", trained_run, "--resume", "--no-progress",
+                         "--set", "train.freeze_backbone=true", "--set", "train.steps=5",
+                         "--allow-change", "train.freeze_backbone"], capsys)  # fmt: skip
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "train.freeze_backbone" in err and "optimizer state would not fit" in err, err
+    assert all(path.read_bytes() == data for path, data in files.items())

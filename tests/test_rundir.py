@@ -56,6 +56,11 @@ def test_refused_resume_changes_nothing_and_names_the_field(trained_run, capsys)
     one_line_error(capsys, resume(trained_run, "--set", "seed=3"), "train.seed")
     one_line_error(capsys, resume(trained_run, "--allow-change", "train.seed"),
                    "not being changed")
+    # Which optimizer steps which parameter: refused even when allowed (the checkpoint's
+    # optimizer state would not load, and config.json used to be rewritten first).
+    key = "model.tokmod.sparse_grad"  # train.freeze_backbone: tests/test_retrofit_run.py
+    one_line_error(capsys, resume(trained_run, "--set", f"{key}=false", "--set", "steps=9",
+                                  "--allow-change", key), key, "optimizer state would not fit")
     assert tree_hashes(trained_run) == before
     assert resume(trained_run) == 0  # and a plain resume still works afterwards
 

@@ -13,7 +13,8 @@ the one asked for falls in one of three kinds:
   or WSD already decaying) it would move the learning rate at once (extending a cosine
   raises it), so it is refused unless ``--allow-change train.steps`` says so.
 - Anything else (model shape, lr, schedule, seed, batch, data, ...) is refused with the
-  field named, unless ``--allow-change KEY`` applies it. ``train.data`` may name another
+  field named, unless ``--allow-change KEY`` applies it; OPTIMIZER_LAYOUT_KEYS not even
+  then. ``train.data`` may name another
   path to the same data (equal fingerprint) without that.
 
 Every applied change is recorded in run.json with the step it took effect at, and
@@ -34,6 +35,13 @@ RUNTIME_KEYS = frozenset({
     "train.eval_tokens", "train.device", "train.compile", "train.table_placement",
     "train.parallel",
 })  # fmt: skip
+
+
+# Settings that decide which optimizer steps which parameters (frozen parameters take no
+# optimizer state; sparse tables are RowAdam's, dense ones AdamW's): a checkpoint's
+# optimizer state cannot load under another value, so not even --allow-change applies
+# them (it used to, and the resume failed only after config.json had been rewritten).
+OPTIMIZER_LAYOUT_KEYS = frozenset({"train.freeze_backbone", "model.tokmod.sparse_grad"})
 
 
 class ResumeError(JTokError):
@@ -82,6 +90,10 @@ def classify_changes(saved: RunConfig, wanted: RunConfig, resume_step: int,
         unknown_allow.discard(key)
         if key in RUNTIME_KEYS:
             changes.append(Change(key, old, new, "runtime"))
+        elif key in OPTIMIZER_LAYOUT_KEYS:
+            raise ResumeError(f"--resume cannot change {key} ({old!r} -> {new!r}): it decides "
+                              "which optimizer steps which parameters, and the checkpoint's "
+                              "optimizer state would not fit; start a new run")  # fmt: skip
         elif key == "train.data" and same_data and key not in allow:
             changes.append(Change(key, old, new, "data-path"))
         elif key in allow:
