@@ -377,3 +377,20 @@ def test_a_resume_may_not_freeze_or_unfreeze_the_backbone(trained_run, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "train.freeze_backbone" in err and "optimizer state would not fit" in err, err
     assert all(path.read_bytes() == data for path, data in files.items())
+
+
+def test_export_overwrite_refuses_a_plain_hugging_face_model(trained_run, llama_dir,
+                                                             tmp_path, capsys):  # fmt: skip
+    """The run's own source model has an export's file names; --overwrite used to replace
+    its weights."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(llama_dir, source)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    code, _, err = _cli(["export", "--run", trained_run, "--out", source, "--overwrite"], capsys)
+    assert code == 2 and "not a jtok export" in err and len(err.splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    earlier = tmp_path / "export"  # an earlier export is still replaced
+    assert _cli(["export", "--run", trained_run, "--out", earlier], capsys)[0] == 0
+    assert _cli(["export", "--run", trained_run, "--out", earlier, "--overwrite"], capsys)[0] == 0

@@ -26,9 +26,9 @@ import torch
 
 from jtok.data import EOT_TOKEN, load_tokenizer
 from jtok.errors import JTokError
-from jtok.hf.configuration import REMOTE_CODE_FILE
+from jtok.hf.configuration import MODEL_TYPE, REMOTE_CODE_FILE
 from jtok.hf.modeling import JTokForCausalLM
-from jtok.io import replace_dir
+from jtok.io import FileFormatError, read_json, replace_dir
 from jtok.run import checkpoint as ckpt
 from jtok.run.files import TOKENIZER_FILE
 
@@ -64,6 +64,24 @@ def check_out_dir(out: Path, overwrite: bool, allowed: frozenset[str] | set[str]
     if foreign:
         raise ExportError(f"--out {out} holds {foreign[0]!r}, which jtok export does not "
                           "write; --overwrite replaces only an earlier export")  # fmt: skip
+    # A plain Hugging Face model (a retrofit's source, say) holds the same file names as an
+    # export; an export is recognised by what only jtok writes.
+    if "config.json" in present and not _is_jtok_export(out):
+        raise ExportError(f"--out {out} holds a Hugging Face model that is not a jtok export; "
+                          "--overwrite replaces only an earlier export")  # fmt: skip
+
+
+def _is_jtok_export(folder: Path) -> bool:
+    """A native export (config.json of model_type "jtok") or a retrofit export (with its
+    jtok_retrofit.json)."""
+    from jtok.hf.retrofit_io import OPTIONS_FILE  # the retrofit side imports this module
+
+    if (folder / OPTIONS_FILE).is_file():
+        return True
+    try:
+        return read_json(folder / "config.json").get("model_type") == MODEL_TYPE
+    except (FileFormatError, OSError, AttributeError):  # unreadable, or not a mapping
+        return False
 
 
 def hf_tokenizer(tokenizer_file: Path, max_length: int):
