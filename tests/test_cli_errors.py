@@ -224,6 +224,21 @@ def test_bench_refuses_bad_arguments_before_running(args, message, no_benchmark,
     one_line_error([*BENCH, *args], capsys, message)
 
 
+def test_bench_out_never_lands_in_a_run_data_or_study_folder(tmp_path, no_benchmark, capsys):
+    """--overwrite used to replace a run's config.json or a data manifest.json."""
+    for marker, what in (("run.json", "a run"), ("manifest.json", "prepared data"),
+                         ("spec.json", "a sweep study")):  # fmt: skip
+        folder = tmp_path / marker.split(".")[0]
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / marker).write_text("{}\n")
+        (folder / "config.json").write_text("{}\n")
+        before = tree_digest(tmp_path)
+        for out in (folder / "config.json", folder / "checkpoints" / "bench.json"):
+            one_line_error([*BENCH, "--out", out, "--overwrite"], capsys,
+                           f"is inside {what} ({folder})")  # fmt: skip
+        assert tree_digest(tmp_path) == before
+
+
 def test_bench_refuses_an_out_it_could_not_write(tmp_path, monkeypatch, no_benchmark, capsys):
     folder = tmp_path / "results"
     folder.mkdir()

@@ -98,12 +98,17 @@ def _write(result: dict, args: argparse.Namespace, report) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from jtok.parallel.resources import check_output_file
+    from jtok.run.files import owning_jtok_folder
 
     _apply_mode_defaults(args)
     cfg = resolve_model_config(args)
     variants = parse_variants(args.variants)
     if args.out is not None:
         check_output_file(args.out, "--out")
+        owner = owning_jtok_folder(args.out)
+        if owner is not None:  # its config.json, manifest.json, results.jsonl...
+            raise UsageError(f"--out {args.out} is inside {owner[1]} ({owner[0]}); write the "
+                             "benchmark's JSON elsewhere")  # fmt: skip
         if args.out.exists() and not args.overwrite:
             raise UsageError(f"--out {args.out} exists; use --overwrite to replace it")
     if {"tokmod.kind", "model.tokmod.kind"} & set(parse_overrides(args.overrides)):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jtok.data.format import TOKENIZER_FILE  # the data directory's name for it, kept
+from jtok.data.format import MANIFEST_FILE, TOKENIZER_FILE  # the data directory's names
 
 CONFIG_FILE = "config.json"
 # The section of a retrofitted run's config.json that stands in for "model" (the HF config
@@ -42,3 +42,16 @@ STUDY_RUNS_DIR = "runs"
 
 def run_file(run_dir: Path | str, name: str) -> Path:
     return Path(run_dir) / name
+
+
+def owning_jtok_folder(path: Path | str) -> tuple[Path, str] | None:
+    """The run, prepared-data or study folder `path` lies in (the nearest, by its marker
+    file: run.json, manifest.json, spec.json), with what it is; None outside any. An output
+    file written there would replace or sit among that folder's own files."""
+    markers = ((RUN_INFO_FILE, "a run"), (MANIFEST_FILE, "prepared data"),
+               (SPEC_COPY_FILE, "a sweep study"))  # fmt: skip
+    for folder in Path(path).absolute().parents:
+        for name, what in markers:
+            if (folder / name).is_file():
+                return folder, what
+    return None
