@@ -394,3 +394,14 @@ def test_export_overwrite_refuses_a_plain_hugging_face_model(trained_run, llama_
     earlier = tmp_path / "export"  # an earlier export is still replaced
     assert _cli(["export", "--run", trained_run, "--out", earlier], capsys)[0] == 0
     assert _cli(["export", "--run", trained_run, "--out", earlier, "--overwrite"], capsys)[0] == 0
+
+
+def test_init_from_hf_refuses_a_retrofit_export(trained_run, tmp_path, capsys, tiny_data):
+    """Its trained tables used to be dropped without a word: the new run started fresh."""
+    export = tmp_path / "export"
+    assert _cli(["export", "--run", trained_run, "--out", export], capsys)[0] == 0
+    code, _, err = _cli(["train", "--init-from-hf", export, "--set", "tokmod.kind=jtokm",
+                         "--set", f"train.data={tiny_data}", "--out", tmp_path / "new"],
+                        capsys)  # fmt: skip
+    assert code == 2 and "retrofit with trained tables" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "new").exists()

@@ -62,6 +62,7 @@ from jtok.hf.retrofit import (
     retrofit_tables,
     table_model_config,
 )
+from jtok.hf.retrofit_io import OPTIONS_FILE
 from jtok.run.files import RETROFIT_RECORD_KEY
 
 RECORD_FORMAT = 1
@@ -267,6 +268,11 @@ def check_hf_dir(path: Path | str) -> Path:
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise RetrofitRunError(f"--init-from-hf {path} holds no weights (none of "
                                f"{', '.join(WEIGHT_FILES)})")  # fmt: skip
+    if (path / OPTIONS_FILE).is_file():  # a new run would start fresh tables on its backbone
+        raise RetrofitRunError(f"--init-from-hf {path} is a retrofit with trained tables "
+                               f"({OPTIONS_FILE}), which a new run would replace with fresh "
+                               "ones; continue its own run (jtok train --resume --out RUN), "
+                               "or start from the plain Hugging Face model")  # fmt: skip
     return path
 
 
@@ -465,13 +471,11 @@ def _within_context(members: list[int], size: int, prompts, budgets: list[int],
     """Batches of at most `size` consecutive rows of `members` (longest prompt first) whose
     longest prompt plus largest budget fits the context.
 
-    A left-padded batch generates its largest budget for every row, so a long prompt
-    batched with a short prompt's larger budget would run past the context: steps that are
-    cut off afterwards, transformers' max-length warning, and with a dynamically scaled
-    RoPE a frequency change for the whole batch, short rows included, once any row passes
-    the trained length. The price: where budgets reach the context (max_new_tokens at
-    least the context less the prompts), only prompts of one length share a batch. A row
-    alone always fits: its budget is at most the context less its prompt."""
+    A left-padded batch generates its largest budget for every row: a long prompt batched
+    with a short prompt's larger budget would run past the context (cut-off steps, HF's
+    max-length warning, and with a dynamically scaled RoPE new frequencies for the whole
+    batch). The price: where budgets reach the context, only prompts of one length share a
+    batch. A row alone always fits (its budget is at most the context less its prompt)."""
     batch: list[int] = []
     widest = largest = 0
     for i in members:
