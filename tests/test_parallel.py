@@ -374,3 +374,29 @@ def test_consolidate_writes_the_single_process_files_of_a_distributed_checkpoint
     assert "already consolidated" in capsys.readouterr().out
     assert main(["checkpoint", "consolidate", "--run", str(tmp_path / "nowhere")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_ddp_wrapping_prints_no_deprecation_warning(tiny_data):
+    """broadcast_buffers=False is kept on purpose (forward_sync_buffers=False would still
+    sync buffers at init); torch's FutureWarning about it was printed once per rank."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from jtok.parallel.distributed import DistEnv
+    from jtok.parallel.wrap import parallelize
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        from jtok.nn.model import build_model
+
+        model = build_model(tiny_run_config(tiny_data).model, seed=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # DistEnv says 2 so that it wraps at all; DDP itself uses the 1-process group.
+            wrapped = parallelize(model, DistEnv(world_size=2), "ddp", "fp32")
+        assert type(wrapped).__name__ == "DistributedDataParallel"
+        assert not [w for w in caught if "broadcast_buffers" in str(w.message)]
+    finally:
+        dist.destroy_process_group()

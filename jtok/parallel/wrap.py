@@ -16,6 +16,7 @@ A single-process checkpoint resumed under FSDP2 is sharded by `shard_optimizer_s
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
@@ -54,8 +55,14 @@ def parallelize(model: nn.Module, env: DistEnv, mode: str, precision: str) -> nn
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         # Buffers are kept equal by the trainer (the MoE load is all-reduced before the
         # bias update); broadcasting rank 0's at every forward would drop the others' load
-        # counts between accumulated micro-batches.
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        # counts between accumulated micro-batches. Newer torch deprecates the argument for
+        # forward_sync_buffers=False, which still syncs at init, and itself advises keeping
+        # broadcast_buffers=False where no buffer may be synced: its warning is expected.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated",
+                                    category=FutureWarning)  # fmt: skip
+            return DistributedDataParallel(model, device_ids=device_ids,
+                                           broadcast_buffers=False)  # fmt: skip
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     bf16 = env.device.type == "cuda" and precision in ("auto", "bf16")
