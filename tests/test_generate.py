@@ -308,6 +308,7 @@ def test_cli_contract_json_host_greedy(trained_run, tmp_path, capsys):
     assert code == 0, err
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in records] == ["the king", "love and war", "night day"]
+    assert [r["line"] for r in records] == [1, 3, 5]  # blank lines skipped, counted
     tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
     eot = tokenizer.token_to_id(EOT_TOKEN)
     model = load(run_dir)

@@ -88,14 +88,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     news = generate_batch(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
                           args.top_p, args.seed, stop_ids=() if eot is None else (eot,),
                           batch_size=args.batch_size, compile=args.compile)  # fmt: skip
-    for (_, text), ids, new in zip(prompts, prompt_ids, news, strict=True):
+    for (line, text), ids, new in zip(prompts, prompt_ids, news, strict=True):
         reason = _stop_reason(new, len(ids), eot, context)
         completion_ids = new[:-1] if reason == "eot" else new
         completion = tokenizer.decode(completion_ids)
         if args.json:
+            # "line": where the prompt is in the file (blank lines are skipped).
             print(json.dumps({"prompt": text, "completion": completion,
                               "completion_ids": completion_ids, "prompt_tokens": len(ids),
-                              "stop": reason}))  # fmt: skip
+                              "stop": reason, "line": line}))  # fmt: skip
         else:  # one line per prompt: line breaks of the completion are shown as \n
             one_line = completion.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
             print(text + one_line)
@@ -105,12 +106,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     ge = sub.add_parser(
         "generate", help="continue every prompt of a file (batched)",
-        description="Continue each non-empty line of --prompts (UTF-8; - reads stdin) with a "
+        description="Continue each non-blank line of --prompts (UTF-8; - reads stdin) with a "
         "trained run, many prompts at once. Each prompt stops at the end-of-text token, "
         "after --max-new-tokens, or at the model's context. Prints one line per prompt "
         "(the prompt and its completion, line breaks shown as \\n), or with --json one "
         "object per prompt: prompt, completion, completion_ids (without the end-of-text "
-        "id), prompt_tokens, stop (eot, max_new_tokens or context).",
+        "id), prompt_tokens, stop (eot, max_new_tokens or context), line (its line number).",
     )  # fmt: skip
     ge.add_argument("--run", type=Path, required=True, help="run directory")
     ge.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: latest)")
