@@ -405,3 +405,16 @@ def test_init_from_hf_refuses_a_retrofit_export(trained_run, tmp_path, capsys, t
                         capsys)  # fmt: skip
     assert code == 2 and "retrofit with trained tables" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.table_placement", "sharded", "not 'sharded'"),
+    ("train.compile", "true", "train.compile: not supported for a retrofitted model"),
+])  # fmt: skip
+def test_unsupported_training_settings_are_refused(llama_dir, tiny_data, tmp_path, capsys,
+                                                   key, value, message):  # fmt: skip
+    code, _, err = _cli(["train", "--init-from-hf", llama_dir, "--set", "tokmod.kind=jtokm",
+                         "--set", f"train.data={tiny_data}", "--set", f"{key}={value}",
+                         "--out", tmp_path / "run"], capsys)  # fmt: skip
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()

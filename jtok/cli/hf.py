@@ -43,8 +43,11 @@ def register(sub) -> None:
         "model.safetensors, generation_config.json and the run's tokenizer as a "
         "PreTrainedTokenizerFast (end-of-text as eos and pad token, left padding). Load it "
         "with AutoModelForCausalLM.from_pretrained(OUT) after `import jtok.hf`, or with "
-        "trust_remote_code=True where jtok is installed. Needs the transformers extra: "
-        "pip install 'jtok[transformers]'.",
+        "trust_remote_code=True where jtok is installed. A retrofitted run (jtok train "
+        "--init-from-hf) is written as the HF model's own directory plus "
+        "jtok_retrofit.safetensors / .json and the tokenizer: load it with "
+        "jtok.load_retrofit(OUT) (AutoModelForCausalLM gives the backbone alone). Needs the "
+        "transformers extra: pip install 'jtok[transformers]'.",
     )  # fmt: skip
     ex.add_argument("--run", type=Path, required=True, help="run directory")
     ex.add_argument("--out", type=Path, required=True, help="directory to write")

@@ -138,6 +138,8 @@ class RetrofitRunConfig:
         if self.train.table_placement not in ("device", "host"):
             raise ConfigError("train.table_placement: a retrofit keeps its tables on the "
                               "device or on the host, not 'sharded'")  # fmt: skip
+        if self.train.compile:  # untested with HF modules: refused rather than run silently
+            raise ConfigError("train.compile: not supported for a retrofitted model")
 
     # ---- what a RunConfig offers -----------------------------------------------------------
 
@@ -270,9 +272,8 @@ def check_hf_dir(path: Path | str) -> Path:
                                f"{', '.join(WEIGHT_FILES)})")  # fmt: skip
     if (path / OPTIONS_FILE).is_file():  # a new run would start fresh tables on its backbone
         raise RetrofitRunError(f"--init-from-hf {path} is a retrofit with trained tables "
-                               f"({OPTIONS_FILE}), which a new run would replace with fresh "
-                               "ones; continue its own run (jtok train --resume --out RUN), "
-                               "or start from the plain Hugging Face model")  # fmt: skip
+                               f"({OPTIONS_FILE}), which a new run would replace; resume its "
+                               "run, or start from the plain Hugging Face model")  # fmt: skip
     return path
 
 
