@@ -224,6 +224,13 @@ def test_bench_refuses_bad_arguments_before_running(args, message, no_benchmark,
     one_line_error([*BENCH, *args], capsys, message)
 
 
+def test_info_refuses_a_plan_train_would_refuse(capsys):
+    """Host tables train on one process: a per-process plan for W > 1 described a layout
+    that `jtok train` refuses under torchrun."""
+    one_line_error(["info", "--preset", "tiny", "--world-size", "2", "--table-placement",
+                    "host"], capsys, "--table-placement host trains and serves on one process")
+
+
 def test_bench_out_never_lands_in_a_run_data_or_study_folder(tmp_path, no_benchmark, capsys):
     """--overwrite used to replace a run's config.json or a data manifest.json."""
     for marker, what in (("run.json", "a run"), ("manifest.json", "prepared data"),
