@@ -217,6 +217,12 @@ def test_commands_reading_jtok_configs_name_a_retrofit_runs_config(trained_run, 
     assert not (tmp_path / "new").exists()
 
 
+def test_commands_reading_jtok_configs_name_a_hugging_face_config(llama_dir, capsys):
+    code, _, err = _cli(["info", "--config", llama_dir / "config.json"], capsys)
+    assert code == 2 and "a Hugging Face model's config (model_type 'llama')" in err, err
+    assert "--init-from-hf" in err and len(err.splitlines()) == 1
+
+
 def test_batches_within_the_context():
     from jtok.hf.retrofit_run import _within_context
 

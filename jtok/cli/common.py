@@ -87,6 +87,10 @@ def load_config_mapping(path: Path) -> dict:
             "train --init-from-hf), not a jtok model config; its table options are under "
             f"{RETROFIT_RECORD_KEY}.options. For its run: `jtok train --resume --out RUN`, "
             "`jtok eval --run RUN`; for another: `jtok train --init-from-hf DIR`")  # fmt: skip
+    if isinstance(raw, dict) and "model_type" in raw and "model" not in raw:
+        raise UsageError(f"--config {path} is a Hugging Face model's config "
+                         f"(model_type {raw['model_type']!r}), not a jtok model config; to add "
+                         "tables to that model: jtok train --init-from-hf DIR")  # fmt: skip
     return raw
 
 
