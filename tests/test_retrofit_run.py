@@ -217,10 +217,16 @@ def test_commands_reading_jtok_configs_name_a_retrofit_runs_config(trained_run, 
     assert not (tmp_path / "new").exists()
 
 
-def test_commands_reading_jtok_configs_name_a_hugging_face_config(llama_dir, capsys):
-    code, _, err = _cli(["info", "--config", llama_dir / "config.json"], capsys)
-    assert code == 2 and "a Hugging Face model's config (model_type 'llama')" in err, err
-    assert "--init-from-hf" in err and len(err.splitlines()) == 1
+def test_commands_reading_jtok_configs_name_a_hugging_face_config(llama_dir, tmp_path,
+                                                                   capsys):  # fmt: skip
+    config = llama_dir / "config.json"
+    for argv in (["info", "--config", config], ["config", "--config", config],
+                 ["bench", "--config", config],
+                 ["train", "--config", config, "--out", tmp_path / "new"]):  # fmt: skip
+        code, _, err = _cli(argv, capsys)
+        assert code == 2 and "a Hugging Face model's config (model_type 'llama')" in err, err
+        assert "--init-from-hf" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "new").exists()
 
 
 def test_batches_within_the_context():

@@ -307,7 +307,7 @@ def test_out_must_be_this_studys_folder(tiny_data, tmp_path, capsys):
 
     other_data = tmp_path / "other_data"
     shutil.copytree(tiny_data, other_data)
-    for out, what in [(other_study, "a sweep (spec.json)"), (other_data, "prepared data")]:
+    for out, what in [(other_study, "a sweep study (spec.json)"), (other_data, "prepared data")]:
         code = main(["train", "--preset", "tiny", "--data", str(tiny_data), "--out", str(out),
                      "--overwrite", "--no-progress"])  # fmt: skip
         err = capsys.readouterr().err

@@ -33,11 +33,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     cfg = resolve_model_config(args)
     if args.seq_len is not None and args.seq_len <= 0:
         raise UsageError(f"--seq-len must be positive, got {args.seq_len}")
-    summary = summarize(cfg, args.seq_len)
-    summary["memory"] = _serving_memory(cfg, args.table_placement, args.world_size)
     if args.world_size > 1 and args.table_placement == "host":  # as jtok train refuses it
         raise UsageError("--table-placement host trains and serves on one process; with "
                          "--world-size > 1 use sharded (or device)")  # fmt: skip
+    summary = summarize(cfg, args.seq_len)
+    summary["memory"] = _serving_memory(cfg, args.table_placement, args.world_size)
     if args.world_size > 1 or args.parallel == "fsdp" or args.batch:
         from jtok.flops import memory_plan
 

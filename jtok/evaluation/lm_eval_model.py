@@ -97,9 +97,9 @@ class JTokLM(TemplateLM):
         else:
             import jtok.hf  # noqa: F401  (registers the Auto classes)
             from jtok.hf.modeling import JTokForCausalLM
-            from jtok.hf.retrofit_io import OPTIONS_FILE
+            from jtok.hf.retrofit_io import is_saved_retrofit
 
-            if (Path(pretrained) / OPTIONS_FILE).is_file():
+            if is_saved_retrofit(pretrained):
                 raise EvalModelError(f"{pretrained} is the export of a retrofitted Hugging "
                                      "Face model, which JTokLM does not load: pass its run as "
                                      "run=RUN_DIR (jtok.load_retrofit loads the export)")

@@ -28,6 +28,7 @@ from jtok.data import EOT_TOKEN, load_tokenizer
 from jtok.errors import JTokError
 from jtok.hf.configuration import MODEL_TYPE, REMOTE_CODE_FILE
 from jtok.hf.modeling import JTokForCausalLM
+from jtok.hf.retrofit_io import is_saved_retrofit
 from jtok.io import FileFormatError, read_json, replace_dir
 from jtok.run import checkpoint as ckpt
 from jtok.run.files import TOKENIZER_FILE
@@ -74,9 +75,7 @@ def check_out_dir(out: Path, overwrite: bool, allowed: frozenset[str] | set[str]
 def _is_jtok_export(folder: Path) -> bool:
     """A native export (config.json of model_type "jtok") or a retrofit export (with its
     jtok_retrofit.json)."""
-    from jtok.hf.retrofit_io import OPTIONS_FILE  # the retrofit side imports this module
-
-    if (folder / OPTIONS_FILE).is_file():
+    if is_saved_retrofit(folder):
         return True
     try:
         return read_json(folder / "config.json").get("model_type") == MODEL_TYPE

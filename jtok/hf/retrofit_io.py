@@ -85,7 +85,7 @@ def save_retrofit(hf_model: nn.Module, out: Path | str, overwrite: bool = False)
     if out.exists():
         if not out.is_dir():
             raise RetrofitError(f"{out} exists and is not a directory")
-        if any(out.iterdir()) and not (overwrite and (out / OPTIONS_FILE).is_file()):
+        if any(out.iterdir()) and not (overwrite and is_saved_retrofit(out)):
             hint = (
                 " and not a saved retrofit"
                 if overwrite
@@ -110,6 +110,12 @@ def save_retrofit(hf_model: nn.Module, out: Path | str, overwrite: bool = False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def is_saved_retrofit(path: Path | str) -> bool:
+    """Whether directory `path` holds a saved retrofit (`save_retrofit`, `jtok export` of a
+    retrofitted run): its options file is what marks one."""
+    return (Path(path) / OPTIONS_FILE).is_file()
 
 
 def read_retrofit_options(path: Path | str) -> dict[str, Any]:

@@ -62,7 +62,7 @@ from jtok.hf.retrofit import (
     retrofit_tables,
     table_model_config,
 )
-from jtok.hf.retrofit_io import OPTIONS_FILE
+from jtok.hf.retrofit_io import OPTIONS_FILE, is_saved_retrofit
 from jtok.run.files import RETROFIT_RECORD_KEY
 
 RECORD_FORMAT = 1
@@ -270,7 +270,7 @@ def check_hf_dir(path: Path | str) -> Path:
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise RetrofitRunError(f"--init-from-hf {path} holds no weights (none of "
                                f"{', '.join(WEIGHT_FILES)})")  # fmt: skip
-    if (path / OPTIONS_FILE).is_file():  # a new run would start fresh tables on its backbone
+    if is_saved_retrofit(path):  # a new run would start fresh tables on its backbone
         raise RetrofitRunError(f"--init-from-hf {path} is a retrofit with trained tables "
                                f"({OPTIONS_FILE}), which a new run would replace; resume its "
                                "run, or start from the plain Hugging Face model")  # fmt: skip

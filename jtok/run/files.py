@@ -44,14 +44,18 @@ def run_file(run_dir: Path | str, name: str) -> Path:
     return Path(run_dir) / name
 
 
+# Each kind of jtok folder by the file that marks it (the first file each one writes), and
+# what to call it in an error: writers check these before putting files into a folder.
+FOLDER_MARKERS = {RUN_INFO_FILE: "a run", MANIFEST_FILE: "prepared data",
+                  SPEC_COPY_FILE: "a sweep study"}  # fmt: skip
+
+
 def owning_jtok_folder(path: Path | str) -> tuple[Path, str] | None:
-    """The run, prepared-data or study folder `path` lies in (the nearest, by its marker
-    file: run.json, manifest.json, spec.json), with what it is; None outside any. An output
-    file written there would replace or sit among that folder's own files."""
-    markers = ((RUN_INFO_FILE, "a run"), (MANIFEST_FILE, "prepared data"),
-               (SPEC_COPY_FILE, "a sweep study"))  # fmt: skip
+    """The run, prepared-data or study folder `path` lies in (the nearest, by its
+    FOLDER_MARKERS file), with what it is; None outside any. An output file written there
+    would replace or sit among that folder's own files."""
     for folder in Path(path).absolute().parents:
-        for name, what in markers:
+        for name, what in FOLDER_MARKERS.items():
             if (folder / name).is_file():
                 return folder, what
     return None

@@ -36,12 +36,12 @@ from jtok.run import checkpoint as ckpt
 from jtok.run.files import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    FOLDER_MARKERS,
     LOCK_FILE,
     METRICS_FILE,
     RETROFIT_RECORD_KEY,
     RUN_INFO_FILE,
     RUN_OUTPUTS,
-    SPEC_COPY_FILE,
     TOKENIZER_FILE,
 )
 from jtok.run.resume import Change, classify_changes
@@ -136,8 +136,7 @@ def _refuse_overwrite_of_a_non_run(run_dir: Path, present: list[str]) -> None:
     """--overwrite deletes a run's own outputs (other files stay). Files of those names in a
     directory that holds no run (no run.json, the first file every start writes), or
     anything but checkpoint folders under checkpoints/, are someone else's: refuse."""
-    foreign = {SPEC_COPY_FILE: "a sweep", data.MANIFEST_FILE: "prepared data"}
-    for name, what in foreign.items():
+    for name, what in FOLDER_MARKERS.items():
         if name in present and RUN_INFO_FILE not in present:
             raise RunDirError(f"--out {run_dir} holds {what} ({name}); give the run a "
                               "directory of its own")  # fmt: skip

@@ -32,7 +32,7 @@ from jtok.io import append_jsonl, read_json, read_jsonl, write_json_atomic
 from jtok.parallel.distributed import resolve_device
 from jtok.parallel.resources import check_memory
 from jtok.run.checkpoint import latest_checkpoint
-from jtok.run.files import CONFIG_FILE, RESULTS_FILE, RUN_INFO_FILE, SPEC_COPY_FILE
+from jtok.run.files import CONFIG_FILE, FOLDER_MARKERS, RESULTS_FILE, SPEC_COPY_FILE
 from jtok.run.lock import try_lock, unlock
 from jtok.run.rundir import (
     check_out_dir,
@@ -205,8 +205,10 @@ def check_study_dir(out: Path, spec: dict) -> None:
     spec itself, notes, a report) may sit beside the study."""
     if not out.is_dir():
         return
-    for name, what in ((data.MANIFEST_FILE, "prepared data"), (RUN_INFO_FILE, "a run"),
-                       (CONFIG_FILE, "a run")):  # fmt: skip
+    # A study may keep its own spec.json (checked below); a run is also known by its config.
+    markers = {**FOLDER_MARKERS, CONFIG_FILE: "a run"}
+    del markers[SPEC_COPY_FILE]
+    for name, what in markers.items():
         if (out / name).exists():
             raise SweepError(f"--out {out} holds {what} ({name}); give the study a folder of "
                              "its own")  # fmt: skip
