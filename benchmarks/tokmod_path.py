@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """JTok-M's own path in a training step, without the backbone: where its extra time goes.
 
-    python3 benchmarks/tokmod_path.py [--reps 20] [--threads 1] [--out FILE]
+    python3 benchmarks/tokmod_path.py [--reps 20] [--threads 1] [--compile] [--out FILE]
 
 The whole step's ratio (`jtok bench`) moves by +-10% a step on a shared machine, more
 than JTok-M's share of it. This times JTok-M's part alone: the small preset's six JTok-M
@@ -11,7 +11,10 @@ batches, then backward and both optimizers (RowAdam for the tables, AdamW for ro
 scales). The reference path does what the baseline's block does in JTok-M's place, h~ + m,
 on the same activations. The two are timed interleaved, by phase (key and gather,
 forward, backward, optimizers with `zero_grad`); figures are medians of the phase times
-and of the per-repetition difference.
+and of the per-repetition difference. With ``--compile`` a third path is timed in the same
+rotation: the same layers through `torch.compile` (inductor), which fuses each layer's
+elementwise work into generated loops; it reads its rows with the up-front gather, since
+the routed gather does not run under torch.compile (jtok.tables.routed).
 
 Also timed: one JTok-M layer's forward on hot inputs with autograd, with its inputs
 detached, and without autograd. With autograd a forward keeps its saved tensors alive, so
@@ -44,16 +47,20 @@ from jtok.presets import preset  # noqa: E402
 from jtok.training.optim import Optimizers  # noqa: E402
 
 PHASES = ("keys and gather", "forward", "backward", "optimizers")
+REFERENCE = "h~ + m"
 
 
 class TokmodPath:
     """The small preset's JTok-M layers and tables, on stored activations."""
 
-    def __init__(self, batch: int, seq_len: int):
+    def __init__(self, batch: int, seq_len: int, compiled: bool = False):
         cfg = variant_config(preset("small"), "jtokm", sparse_grad=True)
         model = build_model(cfg, seed=0).train()
         self.store = model.token_tables
         self.layers = [block.tokmod for block in model.blocks if block.tokmod is not None]
+        if compiled:
+            self.store.routed_gather = False  # the up-front gather, which compiles
+            self.layers = [torch.compile(layer) for layer in self.layers]
         self.optimizers = Optimizers(model, TrainConfig(lr=1e-3))
         gen = torch.Generator().manual_seed(0)
         shape = (batch, seq_len, cfg.d_model)
@@ -115,42 +122,50 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the layers through torch.compile")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.reps < 1 or args.threads < 1:
         parser.error("--reps and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     path = TokmodPath(batch=8, seq_len=256)
-    for i in range(3):  # warm-up: first steps make the optimizers' state
-        path.step(i, True)
-        path.step(i, False)
-    samples = {True: [], False: []}
+    runs = {"jtokm": (path, True), REFERENCE: (path, False)}
+    if args.compile:
+        runs["jtokm compiled"] = (TokmodPath(batch=8, seq_len=256, compiled=True), True)
+    for i in range(3):  # warm-up: first steps make the optimizers' state (and compile)
+        for run, jtokm in runs.values():
+            run.step(i, jtokm)
+    samples: dict[str, list[list[float]]] = {name: [] for name in runs}
+    names = list(runs)
     for rep in range(args.reps):
-        for jtokm in ((True, False) if rep % 2 else (False, True)):
-            samples[jtokm].append(path.step(rep, jtokm))
+        for name in names[rep % len(names):] + names[: rep % len(names)]:  # rotating order
+            run, jtokm = runs[name]
+            samples[name].append(run.step(rep, jtokm))
 
     def median_ms(rows: list[list[float]], phase: int) -> float:
         return statistics.median(r[phase] for r in rows) * 1e3
 
-    totals = {k: [sum(r) for r in v] for k, v in samples.items()}
+    totals = {name: [sum(r) for r in rows] for name, rows in samples.items()}
     result = {
         "threads": torch.get_num_threads(), "reps": args.reps, "torch": torch.__version__,
         "machine": platform.machine(), "allocator": allocator_setting(),
-        "phase_ms_median": {name: {"jtokm": median_ms(samples[True], i),
-                                   "h~ + m": median_ms(samples[False], i)}
-                            for i, name in enumerate(PHASES)},
-        "step_ms_median": {"jtokm": statistics.median(totals[True]) * 1e3,
-                           "h~ + m": statistics.median(totals[False]) * 1e3},
-        "extra_ms_median": statistics.median(a - b for a, b in zip(totals[True], totals[False],
-                                                                   strict=True)) * 1e3,
+        "phase_ms_median": {phase: {name: median_ms(rows, i) for name, rows in samples.items()}
+                            for i, phase in enumerate(PHASES)},
+        "step_ms_median": {name: statistics.median(t) * 1e3 for name, t in totals.items()},
+        "extra_ms_median": {
+            name: statistics.median(a - b for a, b in zip(totals[name], totals[REFERENCE],
+                                                          strict=True)) * 1e3
+            for name in runs if name != REFERENCE},
         "layer_forward_ms": path.layer_forward_ms(max(args.reps, 10)),
     }  # fmt: skip
     print(f"JTok-M's path alone, small preset, {args.reps} interleaved reps, "
           f"{result['threads']} thread(s); allocator: {result['allocator']}")
-    print(f"{'phase':16s} {'JTok-M ms':>10s} {'h~ + m ms':>10s}")
-    for name, row in result["phase_ms_median"].items():
-        print(f"{name:16s} {row['jtokm']:10.2f} {row['h~ + m']:10.2f}")
-    print(f"extra per step (median of paired differences): {result['extra_ms_median']:.1f} ms")
+    print(f"{'phase':16s}" + "".join(f" {name + ' ms':>18s}" for name in runs))
+    for phase, row in result["phase_ms_median"].items():
+        print(f"{phase:16s}" + "".join(f" {row[name]:18.2f}" for name in runs))
+    for name, ms in result["extra_ms_median"].items():
+        print(f"{name}: {ms:.1f} ms a step over {REFERENCE} (median of paired differences)")
     for name, ms in result["layer_forward_ms"].items():
         print(f"one layer's forward, {name}: {ms:.2f} ms")
     if args.out is not None:
