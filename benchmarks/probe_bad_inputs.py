@@ -664,6 +664,7 @@ def build_cases(fx: Fixtures) -> list[Case]:  # noqa: C901 - a long list, on pur
     add("bench/decode-with-train-option", "bench", [*DECODE, "--steps", "3"])
     add("bench/train-with-decode-option", "bench", ["bench", *BENCH, "--batches", "1"])
     add("bench/threads-0", "bench", ["bench", *BENCH, "--threads", "0"])
+    add("bench/threads-over-cpus", "bench", ["bench", *BENCH, "--threads", "100000"])
     add("bench/seq-len-over-context", "bench", ["bench", *BENCH, "--seq-len", "100000"])
     add("bench/device-bogus", "bench", ["bench", *BENCH, "--device", "tpu"])
     import torch

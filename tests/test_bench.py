@@ -109,6 +109,8 @@ def test_host_placement_check_reports_where_tables_and_state_live():
         (["decode", "--compile", "--warmup", "0"], "--compile compiles in the warm-up"),
         (["--placements", "host", "--optimizer", "adamw", "--seq-len", "64"],
          "host tables train with sparse"),
+        (["--threads", "100000"], "--threads 100000 exceeds the"),
+        (["decode", "--threads", "100000"], "--threads 100000 exceeds the"),
     ],
 )
 def test_bench_modes_refuse_the_other_modes_options(args, message, capsys, monkeypatch):

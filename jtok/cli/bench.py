@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from jtok.cli.common import (
@@ -83,6 +84,18 @@ def _apply_mode_defaults(args: argparse.Namespace) -> None:
         raise UsageError("--compile compiles in the warm-up: give --warmup 1 or more")
     if args.placements is None:
         args.placements = PLACEMENTS_DEFAULT[args.mode]
+    cpus = usable_cpus()
+    if args.threads is not None and args.threads > cpus:
+        # More threads than cores time the contention between them, not the models.
+        raise UsageError(f"--threads {args.threads} exceeds the {cpus} CPUs this process may "
+                         "run on")  # fmt: skip
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _write(result: dict, args: argparse.Namespace, report) -> None:
@@ -211,7 +224,8 @@ def register(sub) -> None:
     bench.add_argument("--warmup", type=nonnegative_int, default=None,
                        help="untimed steps (train, default 2) or runs (decode, default 1) per "
                        "variant")  # fmt: skip
-    bench.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    bench.add_argument("--threads", type=positive_int, default=None,
+                       help="torch CPU threads (at most the CPUs this process may run on)")
     bench.add_argument("--placements", default=None,
                        help="comma list of device, host: where the tables live (default: "
                        "device for the training step, both for decode)")  # fmt: skip
