@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jtok.bench.paired import median_interval
+from jtok.bench.paired import median_interval, paired_ratios
 from jtok.io import write_json_atomic
 
 SETTINGS = ("kept", "system")
@@ -145,7 +145,7 @@ def summarize(runs: list[dict]) -> dict:
     for variant in ("baseline", "jtokm"):
         ms = {s: [r["result"]["variants"][variant]["step_ms_median"] for r in by[s]]
               for s in SETTINGS}  # fmt: skip
-        paired = [k / s for k, s in zip(ms["kept"], ms["system"], strict=True)]
+        paired = paired_ratios(ms["kept"], ms["system"])
         summary[f"{variant}_step_ms"] = {s: statistics.median(v) for s, v in ms.items()}
         summary[f"{variant}_kept_over_system"] = {
             "median": statistics.median(paired), "min": min(paired), "max": max(paired)}
@@ -153,8 +153,7 @@ def summarize(runs: list[dict]) -> dict:
         ratios = []
         for r in by[setting]:
             v = r["result"]["variants"]
-            pairs = zip(v["jtokm"]["step_ms_all"], v["baseline"]["step_ms_all"], strict=True)
-            ratios += [a / b for a, b in pairs]
+            ratios += paired_ratios(v["jtokm"]["step_ms_all"], v["baseline"]["step_ms_all"])
         low, high, coverage = median_interval(ratios)
         summary[f"jtokm_ratio_{setting}"] = {
             "median": statistics.median(ratios), "ci": [low, high], "coverage": coverage,

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jtok.allocator import allocator_setting  # noqa: E402
+from jtok.bench.paired import median_interval  # noqa: E402
 from jtok.bench.train_step import variant_config, zipf_token_batches  # noqa: E402
 from jtok.config import TrainConfig  # noqa: E402
 from jtok.nn.model import build_model  # noqa: E402
@@ -147,16 +148,18 @@ def main(argv=None) -> int:
         return statistics.median(r[phase] for r in rows) * 1e3
 
     totals = {name: [sum(r) for r in rows] for name, rows in samples.items()}
+    extra = {name: [(a - b) * 1e3 for a, b in zip(totals[name], totals[REFERENCE], strict=True)]
+             for name in runs if name != REFERENCE}  # fmt: skip
     result = {
         "threads": torch.get_num_threads(), "reps": args.reps, "torch": torch.__version__,
         "machine": platform.machine(), "allocator": allocator_setting(),
         "phase_ms_median": {phase: {name: median_ms(rows, i) for name, rows in samples.items()}
                             for i, phase in enumerate(PHASES)},
         "step_ms_median": {name: statistics.median(t) * 1e3 for name, t in totals.items()},
-        "extra_ms_median": {
-            name: statistics.median(a - b for a, b in zip(totals[name], totals[REFERENCE],
-                                                          strict=True)) * 1e3
-            for name in runs if name != REFERENCE},
+        "extra_ms_median": {name: statistics.median(d) for name, d in extra.items()},
+        # The median difference's distribution-free interval (95% from 6 repetitions up).
+        "extra_ms_ci": {name: list(median_interval(d)) for name, d in extra.items()},
+        "extra_ms_all": extra,
         "layer_forward_ms": path.layer_forward_ms(max(args.reps, 10)),
     }  # fmt: skip
     print(f"JTok-M's path alone, small preset, {args.reps} interleaved reps, "
@@ -165,7 +168,9 @@ def main(argv=None) -> int:
     for phase, row in result["phase_ms_median"].items():
         print(f"{phase:16s}" + "".join(f" {row[name]:18.2f}" for name in runs))
     for name, ms in result["extra_ms_median"].items():
-        print(f"{name}: {ms:.1f} ms a step over {REFERENCE} (median of paired differences)")
+        low, high, coverage = result["extra_ms_ci"][name]
+        print(f"{name}: {ms:.1f} ms a step over {REFERENCE} (median of paired differences; "
+              f"[{low:.1f}, {high:.1f}] covers it with {100 * coverage:.0f}%)")
     for name, ms in result["layer_forward_ms"].items():
         print(f"one layer's forward, {name}: {ms:.2f} ms")
     if args.out is not None:

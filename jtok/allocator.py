@@ -15,7 +15,7 @@ not"): the small preset's step takes 0.90x the time (baseline) and 0.86x (JTok-M
 bit-identical results and 7% more peak memory. But the heap fragments (PyTorch asks for
 64-byte aligned blocks, which a freed block of the same size does not always fit), and the
 cost grows with the largest buffers: with 512 MiB logits (V = 65536) the peak grew by 40%
-and the memory held between steps from 0.5 to 2.4 GiB. So jtok does not choose this
+and the memory held between steps from 0.5 to 2.9 GiB. So jtok does not choose this
 for its users; the studies on small models use it (results/README.md). The setting covers
 the main thread's heap; other threads' arenas still map blocks above 64 MiB.
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from jtok.cli.common import (
@@ -84,18 +83,13 @@ def _apply_mode_defaults(args: argparse.Namespace) -> None:
         raise UsageError("--compile compiles in the warm-up: give --warmup 1 or more")
     if args.placements is None:
         args.placements = PLACEMENTS_DEFAULT[args.mode]
+    from jtok.parallel.resources import usable_cpus
+
     cpus = usable_cpus()
     if args.threads is not None and args.threads > cpus:
         # More threads than cores time the contention between them, not the models.
         raise UsageError(f"--threads {args.threads} exceeds the {cpus} CPUs this process may "
                          "run on")  # fmt: skip
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity where the platform has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _write(result: dict, args: argparse.Namespace, report) -> None:

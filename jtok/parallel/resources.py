@@ -25,6 +25,13 @@ class ResourceError(JTokError):
     """The machine cannot provide what a command needs (memory, a writable output)."""
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity where the platform has one."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def available_memory(device) -> int | None:
     """Bytes that can still be allocated on `device` (a torch.device or a name): free
     memory of a CUDA device; on CPU, MemAvailable of /proc/meminfo, capped by a cgroup
